@@ -1,0 +1,170 @@
+"""One error shape for the whole API.
+
+Exceptions carry their protocol data (HTTP status, `error.type`) as class attributes, and one
+handler renders every error alike: `{"type": "error", "error": {"type", "message", "errors"?}}`.
+Views raise; they never build error JSON by hand.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.core.exceptions import PermissionDenied, RequestDataTooBig
+from django.db import DatabaseError, InterfaceError, OperationalError
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from rest_framework import exceptions, status
+from rest_framework.response import Response
+
+logger = logging.getLogger(__name__)
+
+
+class APIError(exceptions.APIException):
+    status_code = status.HTTP_500_INTERNAL_SERVER_ERROR
+    error_type = "api_error"
+    default_detail = "The service failed to handle this request."
+
+
+class InvalidRequest(APIError):
+    status_code = status.HTTP_400_BAD_REQUEST
+    error_type = "invalid_request_error"
+    default_detail = "The request is not valid."
+
+    def __init__(self, errors: list[str]):
+        super().__init__(errors[0] if errors else self.default_detail)
+        self.errors = errors
+
+
+class Conflict(APIError):
+    status_code = status.HTTP_409_CONFLICT
+    error_type = "conflict_error"
+    default_detail = "The request conflicts with the message's current state."
+
+
+class RequestTooLarge(APIError):
+    status_code = status.HTTP_413_REQUEST_ENTITY_TOO_LARGE
+    error_type = "request_too_large"
+    default_detail = "The request body is larger than this service accepts."
+
+
+class Overloaded(APIError):
+    status_code = status.HTTP_503_SERVICE_UNAVAILABLE
+    error_type = "overloaded_error"
+    default_detail = "The service cannot accept requests right now; the request was not accepted."
+
+
+# DRF's own exceptions, and Django's, mapped to the contract's error types.
+_ERROR_TYPES: list[tuple[type[Exception], int, str]] = [
+    (exceptions.ParseError, 400, "invalid_request_error"),
+    (exceptions.ValidationError, 400, "invalid_request_error"),
+    (exceptions.AuthenticationFailed, 401, "authentication_error"),
+    (exceptions.NotAuthenticated, 401, "authentication_error"),
+    (exceptions.PermissionDenied, 403, "permission_error"),
+    (exceptions.NotFound, 404, "not_found_error"),
+    (exceptions.MethodNotAllowed, 405, "method_not_allowed_error"),
+    (exceptions.NotAcceptable, 406, "not_acceptable_error"),
+    (exceptions.UnsupportedMediaType, 415, "unsupported_media_type_error"),
+    (exceptions.Throttled, 429, "rate_limit_error"),
+]
+
+
+def error_body(error_type: str, message: str, errors: list[str] | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"type": error_type, "message": message}
+    if errors is not None:
+        error["errors"] = errors
+    return {"type": "error", "error": error}
+
+
+def flatten_errors(detail: Any, path: str = "") -> list[str]:
+    """DRF's nested error detail as `json.path: message` lines, in field order."""
+    if isinstance(detail, dict):
+        lines = []
+        for key, value in detail.items():
+            if key in ("non_field_errors", "__all__"):
+                lines.extend(flatten_errors(value, path))
+            elif isinstance(key, int):
+                lines.extend(flatten_errors(value, f"{path}[{key}]"))
+            else:
+                lines.extend(flatten_errors(value, f"{path}.{key}" if path else str(key)))
+        return lines
+    if isinstance(detail, list):
+        if all(isinstance(item, str) for item in detail):
+            return [f"{path}: {item}" if path else str(item) for item in detail]
+        lines = []
+        for index, item in enumerate(detail):
+            if item:  # a list serializer reports {} for the items that are fine
+                lines.extend(flatten_errors(item, f"{path}[{index}]"))
+        return lines
+    return [f"{path}: {detail}" if path else str(detail)]
+
+
+def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, Http404):
+        exc = exceptions.NotFound()
+    elif isinstance(exc, PermissionDenied):
+        exc = exceptions.PermissionDenied()
+    elif isinstance(exc, RequestDataTooBig):
+        exc = RequestTooLarge()
+    elif isinstance(exc, (OperationalError, InterfaceError)) or _is_broker_outage(exc):
+        logger.warning("store or broker unavailable: %s", type(exc).__name__)
+        exc = Overloaded()
+    elif not isinstance(exc, exceptions.APIException):
+        logger.exception("unhandled error in %s", context.get("view").__class__.__name__)
+        exc = APIError()
+
+    headers: dict[str, str] = {}
+    if isinstance(exc, exceptions.Throttled) and exc.wait is not None:
+        headers["Retry-After"] = str(int(exc.wait) + 1)
+    if isinstance(exc, (exceptions.AuthenticationFailed, exceptions.NotAuthenticated)):
+        headers["WWW-Authenticate"] = 'Bearer realm="api"'
+
+    if isinstance(exc, APIError):
+        http_status, error_type = exc.status_code, exc.error_type
+    else:
+        http_status, error_type = next(
+            ((code, name) for cls, code, name in _ERROR_TYPES if isinstance(exc, cls)),
+            (exc.status_code, "api_error"),
+        )
+
+    if isinstance(exc, InvalidRequest):
+        body = error_body(error_type, str(exc.detail), exc.errors)
+    elif isinstance(exc, exceptions.ValidationError):
+        errors = flatten_errors(exc.detail)
+        body = error_body(error_type, errors[0] if errors else "The request is not valid.", errors)
+    elif isinstance(exc, exceptions.ParseError):
+        message = str(exc.detail)
+        body = error_body(error_type, message, [message])
+    else:
+        body = error_body(error_type, str(exc.detail))
+    return Response(body, status=http_status, headers=headers)
+
+
+def _is_broker_outage(exc: Exception) -> bool:
+    try:
+        from redis.exceptions import ConnectionError as RedisConnectionError
+        from redis.exceptions import TimeoutError as RedisTimeoutError
+    except ImportError:  # pragma: no cover - redis is in requirements
+        return False
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError)) or (
+        isinstance(exc, DatabaseError) and "locked" in str(exc)
+    )
+
+
+def _is_api_path(request: HttpRequest) -> bool:
+    return not request.path.startswith("/admin/")
+
+
+def page_not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    if not _is_api_path(request):
+        from django.views.defaults import page_not_found as django_page_not_found
+
+        return django_page_not_found(request, exception)
+    return JsonResponse(error_body("not_found_error", f"No route for {request.path}."), status=404)
+
+
+def server_error(request: HttpRequest) -> HttpResponse:
+    if not _is_api_path(request):
+        from django.views.defaults import server_error as django_server_error
+
+        return django_server_error(request)
+    return JsonResponse(error_body("api_error", "The service failed to handle this request."), status=500)

@@ -1,0 +1,135 @@
+from __future__ import annotations
+
+import os
+import time
+
+from django.db import models
+from django.db.models import Q
+from rest_framework_api_key.models import AbstractAPIKey
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_message_id() -> str:
+    """A ULID with the `msg_` prefix: sortable by creation time, like the contract's examples."""
+    value = (int(time.time() * 1000) << 80) | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        value, index = divmod(value, 32)
+        chars.append(_CROCKFORD[index])
+    return "msg_" + "".join(reversed(chars))
+
+
+class Status(models.TextChoices):
+    PENDING = "pending"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+
+ACTIVE_STATUSES = (Status.PENDING, Status.PROCESSING)
+TERMINAL_STATUSES = (Status.COMPLETED, Status.FAILED, Status.ERROR, Status.CANCELLED)
+
+
+class APIKey(AbstractAPIKey):
+    """A hashed API key. Messages belong to the key's owner, so an owner's keys share them."""
+
+    owner = models.CharField(max_length=150, db_index=True)
+
+    class Meta(AbstractAPIKey.Meta):
+        verbose_name = "API key"
+        verbose_name_plural = "API keys"
+
+
+class MessageJob(models.Model):
+    message_id = models.CharField(max_length=128, default=new_message_id)
+    owner = models.CharField(max_length=150)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    model = models.CharField(max_length=128)
+    priority = models.PositiveSmallIntegerField(default=5)
+    correlation_id = models.CharField(max_length=255, null=True, blank=True)
+
+    # The validated request with secrets replaced by "[redacted]": safe to show to staff.
+    request = models.JSONField()
+    # MCP tokens and tool_context, kept apart so nothing that displays `request` can leak them.
+    secrets = models.JSONField(default=dict, blank=True)
+    # sha256 of the request body as sent (canonical JSON): an idempotent retry must match it.
+    request_hash = models.CharField(max_length=64)
+    warnings = models.JSONField(default=list, blank=True)
+
+    result = models.JSONField(null=True, blank=True)
+    error = models.JSONField(null=True, blank=True)
+
+    # Incremented on every claim. It is also the fencing token: a worker writes only while
+    # `attempts` still equals the value it claimed with.
+    attempts = models.PositiveSmallIntegerField(default=0)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    last_sequence = models.PositiveIntegerField(default=0)
+
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "message"
+        constraints = [
+            models.UniqueConstraint(fields=["owner", "message_id"], name="message_id_unique_per_owner"),
+        ]
+        indexes = [
+            # GET /v1/messages: an owner's messages, newest first, keyset-paged.
+            models.Index(fields=["owner", "-created_at", "-id"], name="job_owner_created"),
+            # Workers: the next pending message by priority, then age.
+            models.Index(
+                fields=["-priority", "created_at", "id"],
+                condition=Q(status="pending"),
+                name="job_pending_queue",
+            ),
+            # Recovery: running messages whose lease ran out.
+            models.Index(
+                fields=["lease_expires_at"],
+                condition=Q(status="processing"),
+                name="job_processing_lease",
+            ),
+            # Admin list (newest first, optionally by status) and its exact-match searches.
+            models.Index(fields=["-created_at", "-id"], name="job_created"),
+            models.Index(fields=["status", "-created_at"], name="job_status_created"),
+            models.Index(fields=["message_id"], name="job_message_id"),
+            models.Index(fields=["correlation_id"], name="job_correlation_id"),
+        ]
+
+    def __str__(self) -> str:
+        return self.message_id
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+class MessageEvent(models.Model):
+    """One event of a message's stream, numbered 1, 2, 3… per message."""
+
+    job = models.ForeignKey(MessageJob, on_delete=models.CASCADE, related_name="events")
+    sequence = models.PositiveIntegerField()
+    type = models.CharField(max_length=64)
+    data = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["job", "sequence"], name="event_sequence_unique"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.job_id}#{self.sequence} {self.type}"
+
+
+class WorkerHeartbeat(models.Model):
+    """Each worker process writes its name here every few seconds; /readyz reads it."""
+
+    name = models.CharField(max_length=200, primary_key=True)
+    seen_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return self.name

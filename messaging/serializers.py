@@ -1,0 +1,868 @@
+"""The request contract (API.md section 2) as DRF serializers, and the response shapes.
+
+`check_request()` is the one entry point every endpoint that takes a chat request uses. It
+reports every error at once with its JSON path, the warnings, and the request summary.
+
+Speed: DRF deep-copies a serializer's declared fields on every instantiation (about 0.7 ms for
+this nested contract). The request serializers hold no per-call state when driven through
+`run_validation`, so `check_request()` builds them once per process and reuses them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+from django.conf import settings
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import PolymorphicProxySerializer, extend_schema_field
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from rest_framework import serializers
+from rest_framework.exceptions import ErrorDetail, ValidationError
+from rest_framework.fields import empty
+
+from messaging import catalog
+from messaging.errors import flatten_errors
+from messaging.models import MessageJob, Status
+from messaging.providers.echo import estimate_tokens
+
+REDACTED = "[redacted]"
+TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+MESSAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+RESERVED_MESSAGE_IDS = frozenset({"async", "validate"})
+INT64 = (-(2**63), 2**63 - 1)
+
+
+# --- Strict JSON scalars ----------------------------------------------------------------------
+# DRF coerces ("5" -> 5, 1 -> "1", "true" -> True). A JSON API should not: a client that sends
+# a string for a number has a bug we should tell it about.
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
+
+
+class StrictCharField(serializers.CharField):
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid_type", kind=_type_name(data))
+        return super().to_internal_value(data)
+
+    default_error_messages = {"invalid_type": "must be a string, not {kind}"}
+
+
+class StrictBooleanField(serializers.BooleanField):
+    default_error_messages = {"invalid": "must be true or false"}
+
+    def to_internal_value(self, data: Any) -> bool:
+        if not isinstance(data, bool):
+            self.fail("invalid")
+        return data
+
+
+class StrictIntegerField(serializers.IntegerField):
+    default_error_messages = {
+        "invalid": "must be an integer",
+        "max_value": "must be at most {max_value}",
+        "min_value": "must be at least {min_value}",
+    }
+
+    def to_internal_value(self, data: Any) -> int:
+        if isinstance(data, bool) or not isinstance(data, int):
+            if isinstance(data, float) and data.is_integer():
+                data = int(data)
+            else:
+                self.fail("invalid")
+        self.run_validators(data)  # min/max validators
+        return data
+
+
+class StrictFloatField(serializers.FloatField):
+    default_error_messages = {
+        "invalid": "must be a number",
+        "not_finite": "must be a finite number",
+        "max_value": "must be at most {max_value}",
+        "min_value": "must be at least {min_value}",
+        "not_above": "must be above {limit}",
+    }
+
+    def __init__(self, *, above: float | None = None, **kwargs: Any):
+        self.above = above
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data: Any) -> float:
+        if isinstance(data, bool) or not isinstance(data, (int, float)):
+            self.fail("invalid")
+        if not math.isfinite(data):
+            self.fail("not_finite")
+        if self.above is not None and not data > self.above:
+            self.fail("not_above", limit=self.above)
+        return float(data)
+
+
+ROLE_CHOICES = ["user", "assistant"]
+
+
+class StrictChoiceField(serializers.ChoiceField):
+    default_error_messages = {"invalid_choice": '"{input}" is not one of {choices}'}
+
+    def to_internal_value(self, data: Any) -> Any:
+        if data == "" and self.allow_blank:
+            return ""
+        try:
+            return self.choice_strings_to_values[data] if isinstance(data, str) else self._fail(data)
+        except KeyError:
+            self._fail(data)
+
+    def _fail(self, data: Any) -> Any:
+        self.fail("invalid_choice", input=data, choices=", ".join(str(c) for c in self.choices))
+
+
+def _depth(value: Any, limit: int) -> bool:
+    """True when `value` nests deeper than `limit` levels."""
+    if limit < 0:
+        return True
+    if isinstance(value, dict):
+        return any(_depth(item, limit - 1) for item in value.values())
+    if isinstance(value, list):
+        return any(_depth(item, limit - 1) for item in value)
+    return False
+
+
+class FreeJSONField(serializers.JSONField):
+    """Any JSON value the client owns (tool inputs, schemas, tool_context), nesting bounded."""
+
+    default_error_messages = {
+        "too_deep": "is nested more than {limit} levels deep",
+        "not_object": "must be an object, not {kind}",
+    }
+
+    def __init__(self, *, object_only: bool = False, **kwargs: Any):
+        self.object_only = object_only
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data: Any) -> Any:
+        if self.object_only and not isinstance(data, dict):
+            self.fail("not_object", kind=_type_name(data))
+        if _depth(data, settings.MESSAGING_MAX_JSON_DEPTH):
+            self.fail("too_deep", limit=settings.MESSAGING_MAX_JSON_DEPTH)
+        return data
+
+
+class Serializer(serializers.Serializer):
+    """Refuses a non-object with a sentence, and names the keys it does not know in `unknown`."""
+
+    default_error_messages = {"invalid": "must be an object, not {datatype}"}
+
+    def to_internal_value(self, data: Any) -> Any:
+        if not isinstance(data, dict):
+            raise ValidationError({"non_field_errors": [self.error_messages["invalid"].format(datatype=_type_name(data))]})
+        return super().to_internal_value(data)
+
+
+# --- Content blocks ---------------------------------------------------------------------------
+
+
+class TextBlockSerializer(Serializer):
+    type = serializers.ChoiceField(choices=["text"])
+    text = StrictCharField(trim_whitespace=False)
+
+
+class ImageSourceSerializer(Serializer):
+    IMAGE_TYPES = ["image/jpeg", "image/png", "image/gif", "image/webp"]
+
+    type = StrictChoiceField(choices=["base64", "url"])
+    media_type = StrictChoiceField(choices=IMAGE_TYPES, required=False)
+    data = StrictCharField(required=False)
+    url = StrictCharField(required=False)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        errors: dict[str, list[str]] = {}
+        if attrs["type"] == "base64":
+            for name in ("media_type", "data"):
+                if name not in attrs:
+                    errors[name] = ["is required for a base64 image"]
+            if "data" in attrs and not re.fullmatch(r"[A-Za-z0-9+/\s]*={0,2}\s*", attrs["data"]):
+                errors["data"] = ["is not base64"]
+        else:
+            url = attrs.get("url")
+            if url is None:
+                errors["url"] = ["is required for a url image"]
+            elif urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+                errors["url"] = ["must be an http(s) URL"]
+        if errors:
+            raise ValidationError(errors)
+        return attrs
+
+
+class ImageBlockSerializer(Serializer):
+    type = serializers.ChoiceField(choices=["image"])
+    source = ImageSourceSerializer()
+
+
+class ToolUseBlockSerializer(Serializer):
+    type = serializers.ChoiceField(choices=["tool_use"])
+    id = StrictCharField(max_length=256)
+    name = StrictCharField(max_length=64)
+    input = FreeJSONField(object_only=True)
+
+
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "string"},
+            {"type": "array", "items": {"type": "object", "description": "a text or image block"}},
+        ]
+    }
+)
+class ToolResultContentField(serializers.Field):
+    default_error_messages = {"invalid": "must be a string or an array of text and image blocks"}
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, str):
+            return data
+        if not isinstance(data, list):
+            self.fail("invalid")
+        return _validate_blocks(data, ("text", "image"))
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+class ToolResultBlockSerializer(Serializer):
+    type = serializers.ChoiceField(choices=["tool_result"])
+    tool_use_id = StrictCharField(max_length=256)
+    content = ToolResultContentField(required=False)
+    is_error = StrictBooleanField(required=False)
+
+
+class ThinkingBlockSerializer(Serializer):
+    type = serializers.ChoiceField(choices=["thinking"])
+    thinking = StrictCharField(trim_whitespace=False, allow_blank=True)
+    signature = StrictCharField(required=False, allow_blank=True)
+
+
+BLOCK_SERIALIZERS: dict[str, Serializer] = {
+    "text": TextBlockSerializer(),
+    "image": ImageBlockSerializer(),
+    "tool_use": ToolUseBlockSerializer(),
+    "tool_result": ToolResultBlockSerializer(),
+    "thinking": ThinkingBlockSerializer(),
+}
+
+
+def _validate_blocks(data: list[Any], allowed: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Each block checked by the serializer its `type` names; errors keyed by index."""
+    blocks, errors = [], {}
+    for index, item in enumerate(data):
+        kind = item.get("type") if isinstance(item, dict) else None
+        if not isinstance(item, dict):
+            errors[index] = [f"must be an object, not {_type_name(item)}"]
+        elif kind not in allowed:
+            errors[index] = {"type": [f'"{kind}" is not one of {", ".join(allowed)}']}
+        else:
+            try:
+                blocks.append(BLOCK_SERIALIZERS[kind].run_validation(item))
+            except ValidationError as exc:
+                errors[index] = exc.detail
+    if errors:
+        raise ValidationError(errors)
+    return blocks
+
+
+CONTENT_BLOCK_TYPES = tuple(BLOCK_SERIALIZERS)
+
+
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "string", "minLength": 1},
+            {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "oneOf": [
+                        {"$ref": "#/components/schemas/TextBlockRequest"},
+                        {"$ref": "#/components/schemas/ImageBlockRequest"},
+                        {"$ref": "#/components/schemas/ToolUseBlockRequest"},
+                        {"$ref": "#/components/schemas/ToolResultBlockRequest"},
+                        {"$ref": "#/components/schemas/ThinkingBlockRequest"},
+                    ],
+                    "discriminator": {"propertyName": "type"},
+                },
+            },
+        ],
+        "description": "A non-empty string, or a non-empty array of content blocks.",
+    }
+)
+class ContentField(serializers.Field):
+    """A string (a single text block) or a non-empty array of blocks; always stored as blocks."""
+
+    default_error_messages = {
+        "invalid": "must be a string or an array of content blocks, not {kind}",
+        "empty": "must not be empty",
+    }
+
+    def to_internal_value(self, data: Any) -> list[dict[str, Any]]:
+        if isinstance(data, str):
+            if not data.strip():
+                self.fail("empty")
+            return [{"type": "text", "text": data}]
+        if not isinstance(data, list):
+            self.fail("invalid", kind=_type_name(data))
+        if not data:
+            self.fail("empty")
+        return _validate_blocks(data, CONTENT_BLOCK_TYPES)
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+class MessageSerializer(Serializer):
+    role = StrictChoiceField(choices=ROLE_CHOICES)
+    content = ContentField()
+
+
+# --- Tools, MCP, formats ------------------------------------------------------------------------
+
+
+class ToolSerializer(Serializer):
+    name = StrictCharField(help_text="Matches ^[a-zA-Z0-9_-]{1,64}$; unique within `tools`.")
+    description = StrictCharField(required=False, allow_blank=True)
+    input_schema = FreeJSONField(object_only=True, help_text="A JSON Schema of type object.")
+
+    def validate_name(self, value: str) -> str:
+        if not TOOL_NAME.match(value):
+            raise ValidationError("must match ^[a-zA-Z0-9_-]{1,64}$")
+        return value
+
+    def validate_input_schema(self, value: dict[str, Any]) -> dict[str, Any]:
+        return _check_json_schema(value, require_object=True)
+
+
+def _check_json_schema(schema: dict[str, Any], *, require_object: bool) -> dict[str, Any]:
+    try:
+        Draft202012Validator.check_schema(schema)
+    except SchemaError as exc:
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in exc.path)
+        raise ValidationError(f"is not a valid JSON Schema: {exc.message}" + (f" (at {path})" if path else "")) from None
+    if require_object and schema.get("type") != "object":
+        raise ValidationError('must be a JSON Schema with "type": "object"')
+    return schema
+
+
+class ToolChoiceSerializer(Serializer):
+    type = StrictChoiceField(choices=["auto", "any", "tool", "none"])
+    name = StrictCharField(required=False)
+    disable_parallel_tool_use = StrictBooleanField(required=False)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if attrs["type"] == "tool" and not attrs.get("name"):
+            raise ValidationError({"name": ['is required when type is "tool"']})
+        if attrs["type"] != "tool" and "name" in attrs:
+            raise ValidationError({"name": ['is allowed only when type is "tool"']})
+        return attrs
+
+
+class ToolConfigurationSerializer(Serializer):
+    enabled = StrictBooleanField(required=False)
+    allowed_tools = serializers.ListField(child=StrictCharField(), required=False)
+
+
+class MCPServerSerializer(Serializer):
+    type = StrictChoiceField(choices=["url"])
+    url = StrictCharField(max_length=2048)
+    name = StrictCharField(max_length=128)
+    authorization_token = StrictCharField(required=False, write_only=True, help_text="Secret: never shown back.")
+    tool_configuration = ToolConfigurationSerializer(required=False)
+
+    def validate_url(self, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValidationError("must be an http(s) URL")
+        if not _outbound_allowed(parts.hostname):
+            raise ValidationError(f"{parts.hostname} is not allowed by this server's outbound policy")
+        return value
+
+
+def _outbound_allowed(host: str) -> bool:
+    """The outbound policy for MCP servers: no private, loopback or link-local addresses unless
+    MESSAGING_MCP_ALLOW_PRIVATE is set; and, if given, only MESSAGING_MCP_ALLOWED_HOSTS."""
+    allowed = getattr(settings, "MESSAGING_MCP_ALLOWED_HOSTS", [])
+    if allowed and not any(host == h or (h.startswith(".") and host.endswith(h)) for h in allowed):
+        return False
+    if getattr(settings, "MESSAGING_MCP_ALLOW_PRIVATE", False):
+        return True
+    if host == "localhost" or host.endswith(".localhost") or host.endswith(".internal"):
+        return False
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return True  # a name; resolved and checked again when connecting
+    return address.is_global
+
+
+class JSONSchemaFormatSerializer(Serializer):
+    name = StrictCharField(max_length=64)
+    schema = FreeJSONField(object_only=True)
+    strict = StrictBooleanField(required=False)
+
+    def validate_schema(self, value: dict[str, Any]) -> dict[str, Any]:
+        return _check_json_schema(value, require_object=False)
+
+
+class ResponseFormatSerializer(Serializer):
+    type = StrictChoiceField(choices=["text", "json_schema", "tool_call"])
+    json_schema = JSONSchemaFormatSerializer(required=False)
+    name = StrictCharField(required=False)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if attrs["type"] == "json_schema" and "json_schema" not in attrs:
+            raise ValidationError({"json_schema": ['is required when type is "json_schema"']})
+        return attrs
+
+
+class CitationsSerializer(Serializer):
+    enabled = StrictBooleanField()
+
+
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "string"},
+            {
+                "type": "object",
+                "properties": {
+                    "prompt": {"type": "string"},
+                    "citations": {"type": "object", "properties": {"enabled": {"type": "boolean"}}},
+                },
+                "required": ["prompt"],
+            },
+        ],
+        "nullable": True,
+        "description": "The system prompt: `{prompt, citations?}`, or a plain string.",
+    }
+)
+class SystemField(serializers.Field):
+    default_error_messages = {"invalid": "must be a string or an object {prompt, citations?}"}
+
+    def to_internal_value(self, data: Any) -> dict[str, Any]:
+        if isinstance(data, str):
+            return {"prompt": data}
+        if not isinstance(data, dict):
+            self.fail("invalid")
+        return SYSTEM_SERIALIZER.run_validation(data)
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+class SystemSerializer(Serializer):
+    prompt = StrictCharField(trim_whitespace=False, allow_blank=True)
+    citations = CitationsSerializer(required=False)
+
+
+SYSTEM_SERIALIZER = SystemSerializer()
+
+
+class ThinkingSerializer(Serializer):
+    type = StrictChoiceField(choices=["enabled", "disabled"])
+    budget_tokens = StrictIntegerField(required=False, min_value=1024)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if attrs["type"] == "enabled" and "budget_tokens" not in attrs:
+            raise ValidationError({"budget_tokens": ['is required when type is "enabled"']})
+        return attrs
+
+
+# --- The request ----------------------------------------------------------------------------
+
+
+class MessageRequestSerializer(Serializer):
+    """The chat request shared by /v1/messages/async, /v1/messages/validate and /v1/messages."""
+
+    messages = MessageSerializer(many=True, allow_empty=False)
+    model = StrictCharField(required=False, allow_null=True, help_text="A configured model (GET /v1/models); null means the default.")
+    stream = StrictBooleanField(required=False, default=False)
+    tools = ToolSerializer(many=True, required=False, allow_null=True)
+    tool_choice = ToolChoiceSerializer(required=False, allow_null=True)
+    tool_context = serializers.ListField(
+        child=FreeJSONField(), required=False, allow_null=True, write_only=True,
+        help_text="Items handed to tools. Secret: never shown in the admin, logs or events.",
+    )
+    mcp_servers = MCPServerSerializer(many=True, required=False, allow_null=True)
+    response_format = ResponseFormatSerializer(required=False, allow_null=True)
+    system = SystemField(required=False, allow_null=True)
+    thinking = ThinkingSerializer(required=False, allow_null=True)
+    priority = StrictIntegerField(required=False, allow_null=True, min_value=0, max_value=10, help_text="0 (lowest) to 10 (highest); null means 5.")
+    seed = StrictIntegerField(required=False, allow_null=True, min_value=INT64[0], max_value=INT64[1])
+    temperature = StrictFloatField(required=False, allow_null=True, min_value=0, max_value=2)
+    top_p = StrictFloatField(required=False, allow_null=True, above=0, max_value=1)
+    min_p = StrictFloatField(required=False, allow_null=True, min_value=0, max_value=1)
+    top_k = StrictIntegerField(required=False, allow_null=True, min_value=0)
+    repetition_penalty = StrictFloatField(required=False, allow_null=True, above=0)
+    presence_penalty = StrictFloatField(required=False, allow_null=True, min_value=-2, max_value=2)
+    frequency_penalty = StrictFloatField(required=False, allow_null=True, min_value=-2, max_value=2)
+    max_tokens = StrictIntegerField(required=False, allow_null=True, min_value=1, help_text="1 to the model's limit; null means the model's default.")
+    correlation_id = StrictCharField(required=False, allow_null=True, max_length=255)
+
+    def collect(self, data: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Validate every field, then the cross-field rules on the fields that passed.
+
+        Returns (values, errors). DRF's own `to_internal_value` stops before the cross-field
+        rules when any field fails; the contract wants every problem reported at once.
+        """
+        if not isinstance(data, dict):
+            return {}, {"non_field_errors": [f"The request body must be a JSON object, not {_type_name(data)}."]}
+        values: dict[str, Any] = {}
+        errors: dict[str, Any] = {}
+        for name, field_ in self.fields.items():
+            primitive = data.get(name, empty)
+            try:
+                value = field_.run_validation(primitive)
+            except ValidationError as exc:
+                errors[name] = exc.detail
+            except serializers.SkipField:
+                continue
+            else:
+                values[name] = value
+        _cross_field_errors(values, errors)
+        return values, errors
+
+
+def _cross_field_errors(values: dict[str, Any], errors: dict[str, Any]) -> None:
+    def add(path: str, message: str) -> None:
+        errors.setdefault(path, []).append(ErrorDetail(message, code="invalid"))
+
+    spec = None
+    if "model" in values:
+        spec = catalog.get_model(values["model"])
+        if spec is None:
+            add("model", f'"{values["model"]}" is not a configured model; see GET /v1/models')
+
+    max_tokens = values.get("max_tokens")
+    if spec is not None and max_tokens is not None and max_tokens > spec.max_tokens:
+        add("max_tokens", f"must be at most {spec.max_tokens}, the limit of {spec.id}")
+
+    thinking = values.get("thinking")
+    if thinking and thinking.get("type") == "enabled" and "max_tokens" not in errors:
+        limit = max_tokens if max_tokens is not None else (spec.default_max_tokens if spec else None)
+        if limit is not None and thinking["budget_tokens"] >= limit:
+            add("thinking.budget_tokens", f"must be less than max_tokens ({limit})")
+
+    tools = values.get("tools") or []
+    seen: set[str] = set()
+    for index, tool in enumerate(tools):
+        if tool["name"] in seen:
+            add(f"tools[{index}].name", f'"{tool["name"]}" is used by an earlier tool; names must be unique')
+        seen.add(tool["name"])
+
+    servers = values.get("mcp_servers") or []
+    server_names: set[str] = set()
+    for index, server in enumerate(servers):
+        if server["name"] in server_names:
+            add(f"mcp_servers[{index}].name", f'"{server["name"]}" is used by an earlier server; names must be unique')
+        server_names.add(server["name"])
+
+    choice = values.get("tool_choice")
+    has_tool_sources = bool(tools) or bool(servers) or "tools" in errors or "mcp_servers" in errors
+    if choice and choice["type"] in ("any", "tool") and not has_tool_sources:
+        add("tool_choice.type", f'"{choice["type"]}" needs tools or mcp_servers')
+    elif choice and choice["type"] == "tool" and not servers and "tools" not in errors and choice["name"] not in seen:
+        add("tool_choice.name", f'"{choice["name"]}" is not one of the tools')
+
+    response_format = values.get("response_format")
+    if response_format and response_format["type"] == "tool_call":
+        name = response_format.get("name")
+        if not has_tool_sources:
+            add("response_format.type", '"tool_call" needs tools or mcp_servers')
+        elif name and not servers and "tools" not in errors and name not in seen:
+            add("response_format.name", f'"{name}" is not one of the tools')
+
+    tool_uses: set[str] = set()
+    for m_index, message in enumerate(values.get("messages") or []):
+        for b_index, block in enumerate(message["content"]):
+            if block["type"] == "tool_use":
+                tool_uses.add(block["id"])
+            elif block["type"] == "tool_result" and block["tool_use_id"] not in tool_uses:
+                add(
+                    f"messages[{m_index}].content[{b_index}].tool_use_id",
+                    f'"{block["tool_use_id"]}" does not match any earlier tool_use block',
+                )
+
+
+def _warnings(data: dict[str, Any], values: dict[str, Any], *, endpoint: str) -> list[str]:
+    warnings: list[str] = []
+    known = MESSAGE_REQUEST_SERIALIZER.fields
+    unknown = [key for key in data if key not in known]
+    if unknown:
+        warnings.append(f"unknown fields are ignored: {', '.join(sorted(unknown))}")
+    if values.get("temperature") is not None and values.get("top_p") is not None:
+        warnings.append("temperature and top_p are both set; set one of them")
+
+    spec = catalog.get_model(values.get("model")) if "model" in values or "model" not in data else None
+    if spec is not None:
+        ignored = [f for f in catalog.SAMPLING_FIELDS if values.get(f) is not None and f not in spec.supports]
+        if ignored:
+            warnings.append(f"{spec.id} ignores {', '.join(ignored)}")
+        temperature = values.get("temperature")
+        if temperature is not None and temperature > 1 and spec.provider == "anthropic":
+            warnings.append(f"temperature above 1 is capped at 1 by {spec.id}'s provider")
+    if (values.get("repetition_penalty") or 0) > 2:
+        warnings.append("repetition_penalty above 2 usually degrades output badly")
+
+    messages = values.get("messages") or []
+    for index in range(1, len(messages)):
+        if messages[index]["role"] == messages[index - 1]["role"]:
+            warnings.append(
+                f"messages[{index - 1}] and messages[{index}] are both from {messages[index]['role']}; "
+                "consecutive messages of one role are merged by most providers"
+            )
+    if messages and messages[0]["role"] == "assistant":
+        warnings.append("messages[0] is from assistant; most providers expect the conversation to start with user")
+
+    thinking = values.get("thinking")
+    if thinking and thinking["type"] == "enabled":
+        if messages and messages[-1]["role"] == "assistant":
+            warnings.append("a final assistant message (prefill) is not supported together with thinking")
+        if values.get("temperature") is not None and values["temperature"] != 1:
+            warnings.append("thinking is enabled; temperature other than 1 is ignored or refused by providers")
+
+    if endpoint == "async" and values.get("stream"):
+        warnings.append(
+            "stream: true on /v1/messages/async records every token delta, so "
+            "GET /v1/messages/{message_id}/stream shows the answer as it is written; "
+            "the response itself is still the 202 acknowledgement"
+        )
+    choice = values.get("tool_choice")
+    if choice and choice["type"] in ("auto", "none") and not values.get("tools") and not values.get("mcp_servers"):
+        warnings.append("tool_choice is given without tools; it has no effect")
+    return warnings
+
+
+def _summary(values: dict[str, Any]) -> dict[str, Any]:
+    spec = catalog.get_model(values.get("model"))
+    tools = values.get("tools") or []
+    servers = values.get("mcp_servers") or []
+    choice = values.get("tool_choice")
+    if choice:
+        tool_choice = choice["type"]
+    else:
+        tool_choice = "auto" if tools or servers else None
+    max_tokens = values.get("max_tokens")
+    if max_tokens is None and spec is not None:
+        max_tokens = spec.default_max_tokens
+    return {
+        "message_count": len(values.get("messages") or []),
+        "has_tools": bool(tools or servers),
+        "stream_enabled": bool(values.get("stream")),
+        "tool_choice": tool_choice,
+        "model": spec.id if spec is not None else values.get("model"),
+        "tool_count": len(tools),
+        "mcp_server_count": len(servers),
+        "max_tokens": max_tokens,
+        "estimated_input_tokens": estimate_tokens(values) if "messages" in values else 0,
+    }
+
+
+MESSAGE_REQUEST_SERIALIZER = MessageRequestSerializer()
+
+
+@dataclass
+class CheckedRequest:
+    """The outcome of checking one chat request."""
+
+    data: Any
+    values: dict[str, Any]
+    errors: list[str]
+    warnings: list[str]
+    summary: dict[str, Any]
+
+    @property
+    def valid(self) -> bool:
+        return not self.errors
+
+    def normalized(self) -> dict[str, Any]:
+        """The request as workers see it: defaults resolved, content always blocks."""
+        values = dict(self.values)
+        spec = catalog.get_model(values.get("model"))
+        assert spec is not None, "only a valid request is normalized"
+        values["model"] = spec.id
+        if values.get("max_tokens") is None:
+            values["max_tokens"] = spec.default_max_tokens
+        if values.get("priority") is None:
+            values["priority"] = 5
+        return values
+
+    def request_hash(self) -> str:
+        return hashlib.sha256(orjson.dumps(self.data, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+def check_request(data: Any, *, endpoint: str) -> CheckedRequest:
+    values, error_detail = MESSAGE_REQUEST_SERIALIZER.collect(data)
+    raw = data if isinstance(data, dict) else {}
+    return CheckedRequest(
+        data=data,
+        values=values,
+        errors=flatten_errors(error_detail),
+        warnings=_warnings(raw, values, endpoint=endpoint),
+        summary=_summary(values),
+    )
+
+
+def split_secrets(request: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(request with secrets replaced by "[redacted]", the secrets) for storage."""
+    public = dict(request)
+    secrets: dict[str, Any] = {}
+    if request.get("tool_context") is not None:
+        secrets["tool_context"] = request["tool_context"]
+        public["tool_context"] = REDACTED
+    tokens = {}
+    if request.get("mcp_servers"):
+        servers = []
+        for server in request["mcp_servers"]:
+            server = dict(server)
+            if "authorization_token" in server:
+                tokens[server["name"]] = server["authorization_token"]
+                server["authorization_token"] = REDACTED
+            servers.append(server)
+        public["mcp_servers"] = servers
+    if tokens:
+        secrets["mcp_tokens"] = tokens
+    return public, secrets
+
+
+def merge_secrets(public: dict[str, Any], secrets: dict[str, Any]) -> dict[str, Any]:
+    """The full request for a worker, from what `split_secrets` stored."""
+    request = dict(public)
+    if "tool_context" in secrets:
+        request["tool_context"] = secrets["tool_context"]
+    tokens = secrets.get("mcp_tokens") or {}
+    if tokens:
+        request["mcp_servers"] = [
+            {**server, "authorization_token": tokens[server["name"]]} if server["name"] in tokens else server
+            for server in request["mcp_servers"]
+        ]
+    return request
+
+
+# --- Responses --------------------------------------------------------------------------------
+
+
+class UsageSerializer(serializers.Serializer):
+    input_tokens = serializers.IntegerField()
+    output_tokens = serializers.IntegerField()
+
+
+class ResultSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    type = serializers.ChoiceField(choices=["message"])
+    role = serializers.ChoiceField(choices=["assistant"])
+    model = serializers.CharField()
+    content = serializers.ListField(child=serializers.DictField(), help_text="Content blocks, as in Anthropic's Messages API.")
+    stop_reason = serializers.CharField(allow_null=True)
+    stop_sequence = serializers.CharField(allow_null=True, required=False)
+    usage = UsageSerializer()
+
+
+class ErrorInfoSerializer(serializers.Serializer):
+    type = serializers.CharField()
+    message = serializers.CharField()
+
+
+class MessageStateSerializer(serializers.Serializer):
+    """GET /v1/messages/{message_id}. Built by hand in `message_state()` for speed; this class
+    documents the shape for OpenAPI."""
+
+    message_id = serializers.CharField()
+    status = serializers.ChoiceField(choices=Status.choices)
+    model = serializers.CharField()
+    priority = serializers.IntegerField()
+    correlation_id = serializers.CharField(allow_null=True)
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    attempts = serializers.IntegerField()
+    result = ResultSerializer(allow_null=True)
+    error = ErrorInfoSerializer(allow_null=True)
+
+
+def message_state(job: MessageJob) -> dict[str, Any]:
+    return {
+        "message_id": job.message_id,
+        "status": job.status,
+        "model": job.model,
+        "priority": job.priority,
+        "correlation_id": job.correlation_id,
+        "created_at": job.created_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "attempts": job.attempts,
+        "result": job.result,
+        "error": job.error,
+    }
+
+
+class AcceptedSerializer(serializers.Serializer):
+    message_id = serializers.CharField()
+    status = serializers.ChoiceField(choices=Status.choices)
+    message = serializers.CharField()
+    correlation_id = serializers.CharField(allow_null=True, required=False)
+    warnings = serializers.ListField(child=serializers.CharField(), required=False)
+
+
+class RequestSummarySerializer(serializers.Serializer):
+    message_count = serializers.IntegerField()
+    has_tools = serializers.BooleanField()
+    stream_enabled = serializers.BooleanField()
+    tool_choice = serializers.CharField(allow_null=True)
+    model = serializers.CharField(allow_null=True)
+    tool_count = serializers.IntegerField()
+    mcp_server_count = serializers.IntegerField()
+    max_tokens = serializers.IntegerField(allow_null=True)
+    estimated_input_tokens = serializers.IntegerField()
+
+
+class ValidationResultSerializer(serializers.Serializer):
+    valid = serializers.BooleanField()
+    errors = serializers.ListField(child=serializers.CharField())
+    warnings = serializers.ListField(child=serializers.CharField())
+    request_summary = RequestSummarySerializer()
+
+
+class MessageListSerializer(serializers.Serializer):
+    data = MessageStateSerializer(many=True)
+    has_more = serializers.BooleanField()
+    first_id = serializers.CharField(allow_null=True)
+    last_id = serializers.CharField(allow_null=True)
+
+
+class ModelInfoSerializer(serializers.Serializer):
+    id = serializers.CharField()
+    provider = serializers.CharField()
+    max_tokens = serializers.IntegerField()
+    supports = serializers.ListField(child=serializers.CharField())
+
+
+class ModelListSerializer(serializers.Serializer):
+    data = ModelInfoSerializer(many=True)
+
+
+class ErrorDetailSerializer(serializers.Serializer):
+    type = serializers.CharField()
+    message = serializers.CharField()
+    errors = serializers.ListField(child=serializers.CharField(), required=False)
+
+
+class ErrorSerializer(serializers.Serializer):
+    type = serializers.ChoiceField(choices=["error"])
+    error = ErrorDetailSerializer()

@@ -1,0 +1,118 @@
+"""What django-q2 runs.
+
+django-q2 has no priorities and no FIFO guarantee, so its tasks carry no message: each one is
+a token that claims the highest-priority pending message when a worker gets to it. Every
+accepted message queues one token; a message rescued from a dead worker queues one more.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from functools import cache
+from typing import Any
+
+from django.conf import settings
+from django_q.brokers import Broker, get_broker
+from django_q.tasks import async_task
+from jsonschema import Draft202012Validator
+
+from messaging import catalog, jobs
+from messaging.events import EventRecorder
+from messaging.models import MessageJob, Status
+from messaging.providers.base import ProviderError
+from messaging.serializers import merge_secrets
+
+logger = logging.getLogger(__name__)
+
+# With the ORM broker a token is a row in the same database, written in the same transaction
+# as its message; with Redis it is pushed after the message is committed.
+QUEUE_IN_DATABASE = "orm" in settings.Q_CLUSTER
+
+
+@cache
+def shared_broker() -> Broker:
+    # One broker per process: the Redis broker otherwise opens a connection per enqueue.
+    return get_broker()
+
+
+def enqueue_token(rescue: tuple[int, int] | None = None) -> None:
+    async_task("messaging.tasks.process_next", rescue, broker=shared_broker())
+
+
+def process_next(rescue: tuple[int, int] | list[int] | None = None) -> str:
+    """Claim a message and run it to a terminal status. `rescue` is (job pk, attempt) of a
+    message whose worker died."""
+    job = jobs.claim_rescued(*rescue) if rescue else jobs.claim_next()
+    if job is None:
+        return "idle"
+    run(job)
+    return job.message_id
+
+
+class MessageTimeout(Exception):
+    pass
+
+
+def run(job: MessageJob) -> None:
+    attempt = job.attempts
+    spec = catalog.get_model(job.model)
+    if spec is None:
+        jobs.fail(job, attempt, Status.ERROR, {"type": "api_error", "message": f"The model {job.model!r} is no longer configured."})
+        return
+    request = merge_secrets(job.request, job.secrets)
+    recorder = EventRecorder(job.pk, attempt, token_deltas=bool(request.get("stream")))
+    # The deadline counts from the first start, so a rescued message does not get a fresh one.
+    assert job.started_at is not None
+    deadline = time.time() + settings.MESSAGING_JOB_TIMEOUT - (time.time() - job.started_at.timestamp())
+    stream = catalog.provider_for(spec).stream(request, spec, message_id=job.message_id)
+    try:
+        for event in stream:
+            recorder.add(event)
+            if time.time() > deadline:
+                raise MessageTimeout
+        recorder.flush()
+        result = recorder.builder.result()
+        problem = _output_problem(request, result)
+        if problem:
+            jobs.fail(job, attempt, Status.FAILED, {"type": "invalid_output_error", "message": problem}, result)
+        else:
+            jobs.complete(job, attempt, result)
+    except jobs.Superseded:
+        jobs.keep_partial_result(job, attempt, recorder.builder.result())
+    except MessageTimeout:
+        _end_with(job, attempt, recorder, Status.FAILED, "timeout_error",
+                  f"The message ran longer than {settings.MESSAGING_JOB_TIMEOUT} seconds.")
+    except ProviderError as exc:
+        _end_with(job, attempt, recorder, Status.FAILED, exc.error_type, str(exc))
+    except Exception:
+        logger.exception("message %s failed in the service", job.message_id)
+        _end_with(job, attempt, recorder, Status.ERROR, "api_error", "The service failed while running this message.")
+    finally:
+        stream.close()
+
+
+def _end_with(job: MessageJob, attempt: int, recorder: EventRecorder, status: str, error_type: str, message: str) -> None:
+    try:
+        recorder.flush()  # what the model produced before the failure stays visible
+    except jobs.Superseded:
+        jobs.keep_partial_result(job, attempt, recorder.builder.result())
+        return
+    jobs.fail(job, attempt, status, {"type": error_type, "message": message}, recorder.builder.result())
+
+
+def _output_problem(request: dict[str, Any], result: dict[str, Any] | None) -> str | None:
+    """A `json_schema` response format is a promise: check the answer keeps it."""
+    response_format = request.get("response_format") or {}
+    if response_format.get("type") != "json_schema" or result is None or result.get("stop_reason") != "end_turn":
+        return None
+    text = "".join(block.get("text", "") for block in result["content"] if block.get("type") == "text")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return "The model's answer is not JSON, as response_format requires."
+    error = next(iter(Draft202012Validator(response_format["json_schema"]["schema"]).iter_errors(value)), None)
+    if error is not None:
+        return f"The model's answer does not match response_format's schema: {error.message}"
+    return None

@@ -1,0 +1,20 @@
+from __future__ import annotations
+
+from django.urls import path
+from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
+
+from messaging import views
+
+urlpatterns = [
+    path("v1/messages/validate", views.ValidateView.as_view(), name="validate"),
+    path("v1/messages/async", views.AsyncMessageView.as_view(), name="async"),
+    path("v1/messages", views.MessageListView.as_view(), name="messages"),
+    path("v1/messages/<str:message_id>", views.MessageDetailView.as_view(), name="message"),
+    path("v1/messages/<str:message_id>/cancel", views.CancelView.as_view(), name="cancel"),
+    path("v1/models", views.ModelsView.as_view(), name="models"),
+    path("v1/schema", SpectacularAPIView.as_view(), name="schema"),
+    path("v1/docs", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    path("v1/redoc", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
+    path("healthz", views.healthz, name="healthz"),
+    path("readyz", views.readyz, name="readyz"),
+]

@@ -1,0 +1,300 @@
+"""Settings, all from the environment, with defaults that make a fresh checkout just work.
+
+Every variable is listed in the README. A malformed value stops start-up with a message that
+names the variable, never a traceback deep inside Django.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def env_str(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    if value.lower() in {"1", "true", "yes", "on"}:
+        return True
+    if value.lower() in {"0", "false", "no", "off"}:
+        return False
+    raise ImproperlyConfigured(f"{name} must be true or false, not {value!r}")
+
+
+def env_int(name: str, default: int, *, minimum: int = 0) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a whole number, not {value!r}") from None
+    if number < minimum:
+        raise ImproperlyConfigured(f"{name} must be at least {minimum}, not {number}")
+    return number
+
+
+def env_float(name: str, default: float, *, minimum: float = 0.0) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = float(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number, not {value!r}") from None
+    if not number >= minimum:  # also refuses NaN
+        raise ImproperlyConfigured(f"{name} must be at least {minimum}, not {value}")
+    return number
+
+
+def env_list(name: str, default: list[str]) -> list[str]:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+DEBUG = env_bool("DEBUG", False)
+SECRET_KEY = env_str("SECRET_KEY", "")
+if not SECRET_KEY:
+    if not DEBUG and env_bool("REQUIRE_SECRET_KEY", False):
+        raise ImproperlyConfigured("SECRET_KEY must be set")
+    # A development default; the README tells production to set its own.
+    SECRET_KEY = "insecure-development-key-set-SECRET_KEY-in-production"
+
+ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework_api_key",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "django_q",
+    "messaging",
+]
+
+MIDDLEWARE = [
+    "messaging.middleware.RequestIDMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "project.urls"
+WSGI_APPLICATION = "project.wsgi.application"
+ASGI_APPLICATION = "project.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -------------------------------------------------------------------------------
+
+DATA_DIR = Path(env_str("DATA_DIR", str(BASE_DIR / "var")))
+DATABASE_URL = env_str("DATABASE_URL", "")
+
+if DATABASE_URL:
+    try:
+        _database = dj_database_url.parse(DATABASE_URL, conn_max_age=600, conn_health_checks=True)
+    except Exception as exc:  # dj-database-url raises several kinds for a bad URL
+        raise ImproperlyConfigured(f"DATABASE_URL is not a database URL: {exc}") from None
+else:
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    _database = {
+        "ENGINE": "django.db.backends.sqlite3",
+        "NAME": DATA_DIR / "db.sqlite3",
+        # Persistent connections: reconnecting per query costs django-q2's ORM broker
+        # two orders of magnitude in enqueue rate.
+        "CONN_MAX_AGE": 600,
+    }
+
+if _database["ENGINE"] == "django.db.backends.sqlite3":
+    _database["OPTIONS"] = {
+        # WAL lets readers run beside the one writer; IMMEDIATE takes the write lock at BEGIN,
+        # so a transaction never fails half-way on a lock upgrade ("database is locked").
+        "init_command": (
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;"
+        ),
+        "transaction_mode": "IMMEDIATE",
+        "timeout": env_int("SQLITE_BUSY_TIMEOUT", 20),
+    }
+    _database["TEST"] = {"NAME": str(DATA_DIR / "test.sqlite3")}
+elif _database["ENGINE"] == "django.db.backends.postgresql":
+    _database.setdefault("TEST", {})
+elif not _database["ENGINE"]:
+    raise ImproperlyConfigured(f"DATABASE_URL scheme is not supported: {DATABASE_URL!r}")
+
+DATABASES = {"default": _database}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis: the broker and the cache --------------------------------------------------------
+
+REDIS_URL = env_str("REDIS_URL", "")
+if REDIS_URL and urlsplit(REDIS_URL).scheme not in {"redis", "rediss", "unix"}:
+    raise ImproperlyConfigured(f"REDIS_URL must be a redis:// URL, not {REDIS_URL!r}")
+
+if REDIS_URL:
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+# --- The messaging service -------------------------------------------------------------------
+
+# How long one message may run before it is stopped and marked failed.
+MESSAGING_JOB_TIMEOUT = env_int("MESSAGING_JOB_TIMEOUT", 600, minimum=1)
+# A running message renews its lease while it works; a lease that runs out means its worker
+# died, and the message is taken up again.
+MESSAGING_LEASE_SECONDS = env_float("MESSAGING_LEASE_SECONDS", 30.0, minimum=1.0)
+# How often each worker looks for messages whose lease ran out.
+MESSAGING_RECOVERY_INTERVAL = env_float("MESSAGING_RECOVERY_INTERVAL", 5.0, minimum=0.1)
+# A message whose worker died this many times ends as `error` instead of looping.
+MESSAGING_MAX_ATTEMPTS = env_int("MESSAGING_MAX_ATTEMPTS", 3, minimum=1)
+# How often a running message checks for cancellation and flushes its events.
+MESSAGING_CHECK_INTERVAL = env_float("MESSAGING_CHECK_INTERVAL", 0.25, minimum=0.01)
+# Token deltas are written in small batches at most this far apart (stream: true).
+MESSAGING_FLUSH_INTERVAL = env_float("MESSAGING_FLUSH_INTERVAL", 0.05, minimum=0.0)
+# /readyz wants a worker heartbeat at most this old.
+MESSAGING_WORKER_STALE_SECONDS = env_float("MESSAGING_WORKER_STALE_SECONDS", 30.0, minimum=1.0)
+# The delay per word of the built-in `echo-slow` model.
+MESSAGING_ECHO_SLOW_DELAY = env_float("MESSAGING_ECHO_SLOW_DELAY", 0.1)
+MESSAGING_DEFAULT_MODEL = env_str("MESSAGING_DEFAULT_MODEL", "echo")
+# Bodies larger than this are refused with 413.
+MESSAGING_MAX_BODY_BYTES = env_int("MESSAGING_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024)
+# Free-form JSON (tool inputs, schemas, tool_context) nested deeper than this is refused.
+MESSAGING_MAX_JSON_DEPTH = env_int("MESSAGING_MAX_JSON_DEPTH", 64, minimum=4)
+
+DATA_UPLOAD_MAX_MEMORY_SIZE = MESSAGING_MAX_BODY_BYTES
+
+# --- django-q2 -------------------------------------------------------------------------------
+
+MESSAGING_WORKERS = env_int("MESSAGING_WORKERS", 2, minimum=1)
+_q_timeout = MESSAGING_JOB_TIMEOUT + 30  # a hard backstop behind our own cooperative timeout
+
+Q_CLUSTER = {
+    "name": "messaging",
+    "workers": MESSAGING_WORKERS,
+    # Prefetch little: time in the prefetch queue counts against `retry`.
+    "queue_limit": MESSAGING_WORKERS,
+    "timeout": _q_timeout,
+    # Must exceed the longest run, or the ORM broker hands the same task out twice.
+    "retry": _q_timeout + 60,
+    # Tasks are only tokens that claim a message; failures are ours to count, not django-q2's.
+    "max_attempts": 1,
+    "ack_failures": True,
+    # MessageJob is the record of truth; saving every task's result would also prune
+    # inside a write transaction per task.
+    "save_limit": -1,
+    "catch_up": False,
+    "poll": 0.1,
+    "label": "Django Q2",
+}
+if REDIS_URL:
+    Q_CLUSTER["redis"] = REDIS_URL
+else:
+    # The ORM broker on the same database: storing a message and queuing it is one transaction.
+    Q_CLUSTER["orm"] = "default"
+
+# --- REST framework and OpenAPI --------------------------------------------------------------
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["messaging.auth.APIKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PARSER_CLASSES": ["messaging.parsers.JSONParser"],
+    "DEFAULT_RENDERER_CLASSES": ["messaging.renderers.JSONRenderer"],
+    "EXCEPTION_HANDLER": "messaging.errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "UNAUTHENTICATED_USER": None,
+}
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Messaging API",
+    "DESCRIPTION": (
+        "Run LLM chat completions as durable background jobs: submit, validate, follow, "
+        "read and cancel messages."
+    ),
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SERVE_AUTHENTICATION": [],
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "ENUM_NAME_OVERRIDES": {
+        "MessageStatusEnum": "messaging.models.Status",
+        "RoleEnum": ["user", "assistant"],
+    },
+}
+
+# --- Static files, auth, logging -------------------------------------------------------------
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+
+LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
+if LOG_LEVEL not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+    raise ImproperlyConfigured(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {LOG_LEVEL!r}")
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {"request_id": {"()": "messaging.middleware.RequestIDLogFilter"}},
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "filters": ["request_id"],
+        }
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        # django-q2 logs every enqueue at INFO; its start-up and worker deaths are WARNING and up.
+        "django-q": {"level": env_str("Q_LOG_LEVEL", "WARNING").upper()},
+    },
+}
