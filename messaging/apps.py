@@ -8,6 +8,6 @@ class MessagingConfig(AppConfig):
     verbose_name = "Messaging"
 
     def ready(self) -> None:
-        from messaging import worker
+        from messaging import schema, worker  # noqa: F401 - schema registers OpenAPI extensions
 
         worker.connect_signals()
