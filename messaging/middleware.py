@@ -18,7 +18,7 @@ Handler = Callable[[HttpRequest], Union[HttpResponseBase, Awaitable[HttpResponse
 
 
 def _request_id(request: HttpRequest) -> str:
-    incoming = request.headers.get("X-Request-ID", "")
+    incoming = request.META.get("HTTP_X_REQUEST_ID", "")  # request.headers would copy them all
     if _SAFE_REQUEST_ID.match(incoming):
         return incoming
     return f"req_{uuid.uuid4().hex}"

@@ -15,6 +15,7 @@ import ipaddress
 import math
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -51,16 +52,41 @@ def _type_name(value: Any) -> str:
     )
 
 
-class StrictCharField(serializers.CharField):
+class PlainMessages:
+    """DRF's stock sentences ("This field is required.") read oddly after a JSON path; errors
+    read `messages[0].content: is required`, like the contract's examples."""
+
+    default_error_messages = {
+        "required": "is required",
+        "null": "must not be null",
+        "blank": "must not be empty",
+        "empty": "must not be empty",
+    }
+
+
+class StrictCharField(PlainMessages, serializers.CharField):
     def to_internal_value(self, data: Any) -> str:
         if not isinstance(data, str):
             self.fail("invalid_type", kind=_type_name(data))
         return super().to_internal_value(data)
 
-    default_error_messages = {"invalid_type": "must be a string, not {kind}"}
+    default_error_messages = {
+        "invalid_type": "must be a string, not {kind}",
+        "max_length": "must be at most {max_length} characters",
+        "min_length": "must be at least {min_length} characters",
+    }
 
 
-class StrictBooleanField(serializers.BooleanField):
+class StrictListField(PlainMessages, serializers.ListField):
+    default_error_messages = {"not_a_list": "must be an array, not {kind}"}
+
+    def to_internal_value(self, data: Any) -> list[Any]:
+        if not isinstance(data, list):
+            self.fail("not_a_list", kind=_type_name(data))
+        return super().to_internal_value(data)
+
+
+class StrictBooleanField(PlainMessages, serializers.BooleanField):
     default_error_messages = {"invalid": "must be true or false"}
 
     def to_internal_value(self, data: Any) -> bool:
@@ -69,24 +95,28 @@ class StrictBooleanField(serializers.BooleanField):
         return data
 
 
-class StrictIntegerField(serializers.IntegerField):
+class StrictIntegerField(PlainMessages, serializers.IntegerField):
     default_error_messages = {
         "invalid": "must be an integer",
+        "not_exact": "must be a 64-bit integer",
         "max_value": "must be at most {max_value}",
         "min_value": "must be at least {min_value}",
     }
 
     def to_internal_value(self, data: Any) -> int:
         if isinstance(data, bool) or not isinstance(data, int):
-            if isinstance(data, float) and data.is_integer():
-                data = int(data)
-            else:
+            if not isinstance(data, float) or not data.is_integer():
                 self.fail("invalid")
+            # The parser reads an integer literal beyond the 64-bit range as a float, rounded:
+            # -9223372036854775809 would arrive as exactly -2**63 and pass the seed's bounds.
+            if abs(data) > 2**53:
+                self.fail("not_exact")
+            data = int(data)
         self.run_validators(data)  # min/max validators
         return data
 
 
-class StrictFloatField(serializers.FloatField):
+class StrictFloatField(PlainMessages, serializers.FloatField):
     default_error_messages = {
         "invalid": "must be a number",
         "not_finite": "must be a finite number",
@@ -112,7 +142,7 @@ class StrictFloatField(serializers.FloatField):
 ROLE_CHOICES = ["user", "assistant"]
 
 
-class StrictChoiceField(serializers.ChoiceField):
+class StrictChoiceField(PlainMessages, serializers.ChoiceField):
     default_error_messages = {"invalid_choice": '"{input}" is not one of {choices}'}
 
     def to_internal_value(self, data: Any) -> Any:
@@ -138,7 +168,7 @@ def _depth(value: Any, limit: int) -> bool:
     return False
 
 
-class FreeJSONField(serializers.JSONField):
+class FreeJSONField(PlainMessages, serializers.JSONField):
     """Any JSON value the client owns (tool inputs, schemas, tool_context), nesting bounded."""
 
     default_error_messages = {
@@ -158,10 +188,22 @@ class FreeJSONField(serializers.JSONField):
         return data
 
 
-class Serializer(serializers.Serializer):
-    """Refuses a non-object with a sentence, and names the keys it does not know in `unknown`."""
+class ListSerializer(PlainMessages, serializers.ListSerializer):
+    default_error_messages = {"not_a_list": "must be an array, not {kind}"}
+
+    def to_internal_value(self, data: Any) -> Any:
+        if not isinstance(data, list):
+            raise ValidationError({"non_field_errors": [self.error_messages["not_a_list"].format(kind=_type_name(data))]})
+        return super().to_internal_value(data)
+
+
+class Serializer(PlainMessages, serializers.Serializer):
+    """Refuses a non-object with a sentence rather than DRF's Python type names."""
 
     default_error_messages = {"invalid": "must be an object, not {datatype}"}
+
+    class Meta:
+        list_serializer_class = ListSerializer
 
     def to_internal_value(self, data: Any) -> Any:
         if not isinstance(data, dict):
@@ -224,7 +266,7 @@ class ToolUseBlockSerializer(Serializer):
         ]
     }
 )
-class ToolResultContentField(serializers.Field):
+class ToolResultContentField(PlainMessages, serializers.Field):
     default_error_messages = {"invalid": "must be a string or an array of text and image blocks"}
 
     def to_internal_value(self, data: Any) -> Any:
@@ -267,6 +309,8 @@ def _validate_blocks(data: list[Any], allowed: tuple[str, ...]) -> list[dict[str
         kind = item.get("type") if isinstance(item, dict) else None
         if not isinstance(item, dict):
             errors[index] = [f"must be an object, not {_type_name(item)}"]
+        elif "type" not in item:
+            errors[index] = {"type": ["is required"]}
         elif kind not in allowed:
             errors[index] = {"type": [f'"{kind}" is not one of {", ".join(allowed)}']}
         else:
@@ -304,7 +348,7 @@ CONTENT_BLOCK_TYPES = tuple(BLOCK_SERIALIZERS)
         "description": "A non-empty string, or a non-empty array of content blocks.",
     }
 )
-class ContentField(serializers.Field):
+class ContentField(PlainMessages, serializers.Field):
     """A string (a single text block) or a non-empty array of blocks; always stored as blocks."""
 
     default_error_messages = {
@@ -349,12 +393,22 @@ class ToolSerializer(Serializer):
         return _check_json_schema(value, require_object=True)
 
 
-def _check_json_schema(schema: dict[str, Any], *, require_object: bool) -> dict[str, Any]:
+@lru_cache(maxsize=1024)
+def _schema_problem(canonical: bytes) -> str | None:
+    """Checking a schema against the metaschema costs ~0.4 ms; clients send the same tool
+    definitions with every turn of a conversation, so the verdicts are cached."""
     try:
-        Draft202012Validator.check_schema(schema)
+        Draft202012Validator.check_schema(orjson.loads(canonical))
     except SchemaError as exc:
         path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in exc.path)
-        raise ValidationError(f"is not a valid JSON Schema: {exc.message}" + (f" (at {path})" if path else "")) from None
+        return f"is not a valid JSON Schema: {exc.message}" + (f" (at {path})" if path else "")
+    return None
+
+
+def _check_json_schema(schema: dict[str, Any], *, require_object: bool) -> dict[str, Any]:
+    problem = _schema_problem(orjson.dumps(schema, option=orjson.OPT_SORT_KEYS))
+    if problem:
+        raise ValidationError(problem)
     if require_object and schema.get("type") != "object":
         raise ValidationError('must be a JSON Schema with "type": "object"')
     return schema
@@ -375,7 +429,7 @@ class ToolChoiceSerializer(Serializer):
 
 class ToolConfigurationSerializer(Serializer):
     enabled = StrictBooleanField(required=False)
-    allowed_tools = serializers.ListField(child=StrictCharField(), required=False)
+    allowed_tools = StrictListField(child=StrictCharField(), required=False)
 
 
 class MCPServerSerializer(Serializer):
@@ -452,8 +506,8 @@ class CitationsSerializer(Serializer):
         "description": "The system prompt: `{prompt, citations?}`, or a plain string.",
     }
 )
-class SystemField(serializers.Field):
-    default_error_messages = {"invalid": "must be a string or an object {prompt, citations?}"}
+class SystemField(PlainMessages, serializers.Field):
+    default_error_messages = {"invalid": "must be a string or an object {{prompt, citations?}}"}
 
     def to_internal_value(self, data: Any) -> dict[str, Any]:
         if isinstance(data, str):
@@ -495,8 +549,8 @@ class MessageRequestSerializer(Serializer):
     stream = StrictBooleanField(required=False, default=False)
     tools = ToolSerializer(many=True, required=False, allow_null=True)
     tool_choice = ToolChoiceSerializer(required=False, allow_null=True)
-    tool_context = serializers.ListField(
-        child=FreeJSONField(), required=False, allow_null=True, write_only=True,
+    tool_context = StrictListField(
+        child=FreeJSONField(allow_null=True), required=False, allow_null=True, write_only=True,
         help_text="Items handed to tools. Secret: never shown in the admin, logs or events.",
     )
     mcp_servers = MCPServerSerializer(many=True, required=False, allow_null=True)
@@ -527,6 +581,8 @@ class MessageRequestSerializer(Serializer):
         errors: dict[str, Any] = {}
         for name, field_ in self.fields.items():
             primitive = data.get(name, empty)
+            if primitive is empty and not field_.required and field_.default is empty:
+                continue  # what DRF's SkipField would do, without raising for every absent field
             try:
                 value = field_.run_validation(primitive)
             except ValidationError as exc:
@@ -543,9 +599,10 @@ def _cross_field_errors(values: dict[str, Any], errors: dict[str, Any]) -> None:
     def add(path: str, message: str) -> None:
         errors.setdefault(path, []).append(ErrorDetail(message, code="invalid"))
 
+    # An absent or null model is the default model, whose limits apply just the same.
     spec = None
-    if "model" in values:
-        spec = catalog.get_model(values["model"])
+    if "model" not in errors:
+        spec = catalog.get_model(values.get("model"))
         if spec is None:
             add("model", f'"{values["model"]}" is not a configured model; see GET /v1/models')
 
@@ -555,9 +612,14 @@ def _cross_field_errors(values: dict[str, Any], errors: dict[str, Any]) -> None:
 
     thinking = values.get("thinking")
     if thinking and thinking.get("type") == "enabled" and "max_tokens" not in errors:
-        limit = max_tokens if max_tokens is not None else (spec.default_max_tokens if spec else None)
-        if limit is not None and thinking["budget_tokens"] >= limit:
-            add("thinking.budget_tokens", f"must be less than max_tokens ({limit})")
+        if max_tokens is not None:
+            if thinking["budget_tokens"] >= max_tokens:
+                add("thinking.budget_tokens", f"must be less than max_tokens ({max_tokens})")
+        elif spec is not None and thinking["budget_tokens"] >= spec.default_max_tokens:
+            add(
+                "thinking.budget_tokens",
+                f"must be less than max_tokens, which is null: {spec.id}'s default of {spec.default_max_tokens}",
+            )
 
     tools = values.get("tools") or []
     seen: set[str] = set()
@@ -575,9 +637,12 @@ def _cross_field_errors(values: dict[str, Any], errors: dict[str, Any]) -> None:
 
     choice = values.get("tool_choice")
     has_tool_sources = bool(tools) or bool(servers) or "tools" in errors or "mcp_servers" in errors
+    # A name can only be checked against `tools` when every tool parsed and no MCP server
+    # (whose tools are known only when connecting) could provide it.
+    names_known = not servers and "tools" not in errors and "mcp_servers" not in errors
     if choice and choice["type"] in ("any", "tool") and not has_tool_sources:
         add("tool_choice.type", f'"{choice["type"]}" needs tools or mcp_servers')
-    elif choice and choice["type"] == "tool" and not servers and "tools" not in errors and choice["name"] not in seen:
+    elif choice and choice["type"] == "tool" and names_known and choice["name"] not in seen:
         add("tool_choice.name", f'"{choice["name"]}" is not one of the tools')
 
     response_format = values.get("response_format")
@@ -585,7 +650,7 @@ def _cross_field_errors(values: dict[str, Any], errors: dict[str, Any]) -> None:
         name = response_format.get("name")
         if not has_tool_sources:
             add("response_format.type", '"tool_call" needs tools or mcp_servers')
-        elif name and not servers and "tools" not in errors and name not in seen:
+        elif name and names_known and name not in seen:
             add("response_format.name", f'"{name}" is not one of the tools')
 
     tool_uses: set[str] = set()
@@ -649,26 +714,33 @@ def _warnings(data: dict[str, Any], values: dict[str, Any], *, endpoint: str) ->
     return warnings
 
 
-def _summary(values: dict[str, Any]) -> dict[str, Any]:
+def _sent_count(raw: dict[str, Any], values: dict[str, Any], name: str) -> int:
+    """How many items the client sent, even when some of them failed validation: the summary
+    describes the body, so an invalid body still shows what it held."""
+    sent = raw.get(name)
+    return len(sent) if isinstance(sent, list) else len(values.get(name) or [])
+
+
+def _summary(raw: dict[str, Any], values: dict[str, Any]) -> dict[str, Any]:
     spec = catalog.get_model(values.get("model"))
-    tools = values.get("tools") or []
-    servers = values.get("mcp_servers") or []
+    tool_count = _sent_count(raw, values, "tools")
+    server_count = _sent_count(raw, values, "mcp_servers")
     choice = values.get("tool_choice")
     if choice:
         tool_choice = choice["type"]
     else:
-        tool_choice = "auto" if tools or servers else None
+        tool_choice = "auto" if tool_count or server_count else None
     max_tokens = values.get("max_tokens")
     if max_tokens is None and spec is not None:
         max_tokens = spec.default_max_tokens
     return {
-        "message_count": len(values.get("messages") or []),
-        "has_tools": bool(tools or servers),
+        "message_count": _sent_count(raw, values, "messages"),
+        "has_tools": bool(tool_count or server_count),
         "stream_enabled": bool(values.get("stream")),
         "tool_choice": tool_choice,
         "model": spec.id if spec is not None else values.get("model"),
-        "tool_count": len(tools),
-        "mcp_server_count": len(servers),
+        "tool_count": tool_count,
+        "mcp_server_count": server_count,
         "max_tokens": max_tokens,
         "estimated_input_tokens": estimate_tokens(values) if "messages" in values else 0,
     }
@@ -715,7 +787,7 @@ def check_request(data: Any, *, endpoint: str) -> CheckedRequest:
         values=values,
         errors=flatten_errors(error_detail),
         warnings=_warnings(raw, values, endpoint=endpoint),
-        summary=_summary(values),
+        summary=_summary(raw, values),
     )
 
 
