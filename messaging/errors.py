@@ -108,6 +108,9 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     elif isinstance(exc, (OperationalError, InterfaceError)) or _is_broker_outage(exc):
         logger.warning("store or broker unavailable: %s", type(exc).__name__)
         exc = Overloaded()
+    elif isinstance(exc, exceptions.NotAuthenticated):
+        # DRF's "Authentication credentials were not provided." does not say what to send.
+        exc = exceptions.NotAuthenticated("No API key: send Authorization: Bearer <key>, or x-api-key: <key>.")
     elif not isinstance(exc, exceptions.APIException):
         logger.exception("unhandled error in %s", context.get("view").__class__.__name__)
         exc = APIError()
