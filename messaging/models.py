@@ -21,12 +21,13 @@ def new_message_id() -> str:
 
 
 class Status(models.TextChoices):
-    PENDING = "pending"
-    PROCESSING = "processing"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    ERROR = "error"
-    CANCELLED = "cancelled"
+    # Labels as the contract spells them, in the admin too.
+    PENDING = "pending", "pending"
+    PROCESSING = "processing", "processing"
+    COMPLETED = "completed", "completed"
+    FAILED = "failed", "failed"
+    ERROR = "error", "error"
+    CANCELLED = "cancelled", "cancelled"
 
 
 ACTIVE_STATUSES = (Status.PENDING, Status.PROCESSING)
@@ -95,6 +96,8 @@ class MessageJob(models.Model):
             # Admin list (newest first, optionally by status) and its exact-match searches.
             models.Index(fields=["-created_at", "-id"], name="job_created"),
             models.Index(fields=["status", "-created_at"], name="job_status_created"),
+            # Admin's model filter (and GET /v1/messages?model=): a rare model is no full scan.
+            models.Index(fields=["model", "-created_at"], name="job_model_created"),
             models.Index(fields=["message_id"], name="job_message_id"),
             models.Index(fields=["correlation_id"], name="job_correlation_id"),
         ]
