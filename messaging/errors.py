@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import orjson
+
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
 from django.db import DatabaseError, InterfaceError, OperationalError
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
@@ -99,6 +101,19 @@ def flatten_errors(detail: Any, path: str = "") -> list[str]:
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    """DRF's EXCEPTION_HANDLER."""
+    http_status, body, headers = describe(exc, where=context.get("view").__class__.__name__)
+    return Response(body, status=http_status, headers=headers)
+
+
+def error_response(exc: Exception, *, where: str) -> HttpResponse:
+    """The same error for the async views that DRF cannot host (streams, POST /v1/messages)."""
+    http_status, body, headers = describe(exc, where=where)
+    return HttpResponse(orjson.dumps(body), status=http_status, headers=headers, content_type="application/json")
+
+
+def describe(exc: Exception, *, where: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(HTTP status, error body, headers) for any exception a request can meet."""
     if isinstance(exc, Http404):
         exc = exceptions.NotFound()
     elif isinstance(exc, PermissionDenied):
@@ -112,7 +127,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         # DRF's "Authentication credentials were not provided." does not say what to send.
         exc = exceptions.NotAuthenticated("No API key: send Authorization: Bearer <key>, or x-api-key: <key>.")
     elif not isinstance(exc, exceptions.APIException):
-        logger.exception("unhandled error in %s", context.get("view").__class__.__name__)
+        logger.exception("unhandled error in %s", where)
         exc = APIError()
 
     headers: dict[str, str] = {}
@@ -139,7 +154,7 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         body = error_body(error_type, message, [message])
     else:
         body = error_body(error_type, str(exc.detail))
-    return Response(body, status=http_status, headers=headers)
+    return http_status, body, headers
 
 
 def _is_broker_outage(exc: Exception) -> bool:

@@ -501,17 +501,22 @@ class CitationsSerializer(Serializer):
                 },
                 "required": ["prompt"],
             },
+            {"type": "array", "items": {"$ref": "#/components/schemas/TextBlockRequest"}},
         ],
         "nullable": True,
-        "description": "The system prompt: `{prompt, citations?}`, or a plain string.",
+        "description": "The system prompt: `{prompt, citations?}`, a plain string, or (as Anthropic's "
+        "SDKs send it) an array of text blocks, joined with blank lines.",
     }
 )
 class SystemField(PlainMessages, serializers.Field):
-    default_error_messages = {"invalid": "must be a string or an object {{prompt, citations?}}"}
+    default_error_messages = {"invalid": "must be a string, an object {{prompt, citations?}} or an array of text blocks"}
 
     def to_internal_value(self, data: Any) -> dict[str, Any]:
         if isinstance(data, str):
             return {"prompt": data}
+        if isinstance(data, list):
+            blocks = _validate_blocks(data, ("text",))
+            return {"prompt": "\n\n".join(block["text"] for block in blocks)}
         if not isinstance(data, dict):
             self.fail("invalid")
         return SYSTEM_SERIALIZER.run_validation(data)
@@ -568,6 +573,15 @@ class MessageRequestSerializer(Serializer):
     frequency_penalty = StrictFloatField(required=False, allow_null=True, min_value=-2, max_value=2)
     max_tokens = StrictIntegerField(required=False, allow_null=True, min_value=1, help_text="1 to the model's limit; null means the model's default.")
     correlation_id = StrictCharField(required=False, allow_null=True, max_length=255)
+    # Sent by Anthropic's SDKs; not in the contract's table, accepted so the SDKs work as they are.
+    stop_sequences = serializers.ListField(
+        child=StrictCharField(trim_whitespace=False), required=False, allow_null=True, max_length=16,
+        help_text="Stop when the answer would contain one of these (stop_reason `stop_sequence`).",
+    )
+    metadata = FreeJSONField(
+        object_only=True, required=False, allow_null=True,
+        help_text="Anthropic's `{user_id}`; kept with the message, not sent to the model.",
+    )
 
     def collect(self, data: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         """Validate every field, then the cross-field rules on the fields that passed.
@@ -671,6 +685,8 @@ def _warnings(data: dict[str, Any], values: dict[str, Any], *, endpoint: str) ->
     unknown = [key for key in data if key not in known]
     if unknown:
         warnings.append(f"unknown fields are ignored: {', '.join(sorted(unknown))}")
+    if values.get("metadata"):
+        warnings.append("metadata is kept with the message but not sent to the model")
     if values.get("temperature") is not None and values.get("top_p") is not None:
         warnings.append("temperature and top_p are both set; set one of them")
 

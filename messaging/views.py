@@ -19,6 +19,7 @@ from rest_framework.views import APIView
 from messaging import catalog, docs, jobs
 from messaging.errors import InvalidRequest
 from messaging.models import MessageJob, Status, WorkerHeartbeat
+from messaging.parsers import require_json_body
 from messaging.serializers import (
     MESSAGE_ID,
     RESERVED_MESSAGE_IDS,
@@ -41,7 +42,16 @@ def get_message(request: Request, message_id: str) -> MessageJob:
     return job
 
 
-class ValidateView(APIView):
+class JSONBodyView(APIView):
+    """A view whose POST body must be a JSON object."""
+
+    def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
+        super().initial(request, *args, **kwargs)
+        if request.method == "POST":  # other methods answer 405 first
+            require_json_body(request.content_type, int(request.META.get("CONTENT_LENGTH") or 0))
+
+
+class ValidateView(JSONBodyView):
     @extend_schema(
         operation_id="validate_message",
         summary="Check a chat request without running it",
@@ -64,7 +74,7 @@ class ValidateView(APIView):
         )
 
 
-class AsyncMessageView(APIView):
+class AsyncMessageView(JSONBodyView):
     @extend_schema(
         operation_id="create_message_async",
         summary="Submit a chat request to run in the background",

@@ -761,3 +761,16 @@ def test_a_model_spec_has_empty_supports_and_options_by_default_and_stays_hashab
     assert spec.supports == frozenset()
     assert spec.options == {}
     assert hash(ECHO_SLOW) == hash(ModelSpec("echo-slow", "echo", 8192, 1024, options={"delay": SLOW_DELAY}))
+
+
+def test_it_stops_at_the_earliest_stop_sequence() -> None:
+    events = run(make_request("one two STOP three END four", stop_sequences=["END", "STOP"]))
+
+    assert "".join(deltas(events)) == "one two "
+    assert next(e for e in events if e["type"] == "message_delta")["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "STOP"}
+
+
+def test_a_stop_sequence_that_never_appears_changes_nothing() -> None:
+    events = run(make_request("one two", stop_sequences=["never"]))
+
+    assert next(e for e in events if e["type"] == "message_delta")["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}

@@ -352,7 +352,14 @@ ERRORS: dict[str, tuple[dict[str, Any], list[str]]] = {
         ['response_format.name: "get_time" is not one of the tools'],
     ),
     # system
-    "system a number": ({"messages": [USER], "system": 5}, ["system: must be a string or an object {prompt, citations?}"]),
+    "system a number": (
+        {"messages": [USER], "system": 5},
+        ["system: must be a string, an object {prompt, citations?} or an array of text blocks"],
+    ),
+    "system blocks that are not text": (
+        {"messages": [USER], "system": [{"type": "image", "source": {"type": "url", "url": "https://x.example/a.png"}}]},
+        ['system[0].type: "image" is not one of text'],
+    ),
     "system without prompt": ({"messages": [USER], "system": {}}, ["system.prompt: is required"]),
     "citations.enabled not a boolean": (
         {"messages": [USER], "system": {"prompt": "x", "citations": {"enabled": "yes"}}},
@@ -753,3 +760,24 @@ def test_async_refuses_an_invalid_body_with_every_error_and_stores_nothing(alice
     }
     assert validate(alice, body)["errors"] == expected
     assert MessageJob.objects.count() == 0
+
+
+class TestWhatAnthropicsSDKSends:
+    def test_it_accepts_a_system_prompt_as_text_blocks_and_joins_them(self, alice: APIClient) -> None:
+        from messaging.serializers import check_request
+
+        body = {"messages": [USER], "system": [{"type": "text", "text": "Be terse."}, {"type": "text", "text": "Be kind."}]}
+
+        assert validate(alice, body)["valid"] is True
+        assert check_request(body, endpoint="sync").normalized()["system"] == {"prompt": "Be terse.\n\nBe kind."}
+
+    def test_it_accepts_stop_sequences_and_metadata_and_says_metadata_is_not_sent(self, alice: APIClient) -> None:
+        result = validate(alice, {"messages": [USER], "stop_sequences": ["END"], "metadata": {"user_id": "u-1"}})
+
+        assert result["valid"] is True
+        assert result["warnings"] == ["metadata is kept with the message but not sent to the model"]
+
+    def test_it_refuses_stop_sequences_that_are_not_strings(self, alice: APIClient) -> None:
+        result = validate(alice, {"messages": [USER], "stop_sequences": ["END", 5]})
+
+        assert result["errors"] == ["stop_sequences[1]: must be a string, not number"]

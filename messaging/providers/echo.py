@@ -75,6 +75,7 @@ class EchoProvider(Provider):
             index += 1
 
         remaining = max_tokens - used
+        stop_sequence = None
         if remaining <= 0:
             stop_reason = "max_tokens"
         elif tool is not None:
@@ -92,15 +93,19 @@ class EchoProvider(Provider):
             used += len(chunks)
             stop_reason = "end_turn"
         else:
+            text, stop_sequence = _cut_at_stop_sequence(text, request.get("stop_sequences") or [])
             words = _words(text)
             emitted = words[:remaining]
             yield from _text_block(index, emitted, delay)
             used += len(emitted)
-            stop_reason = "max_tokens" if len(emitted) < len(words) else "end_turn"
+            if len(emitted) < len(words):
+                stop_reason, stop_sequence = "max_tokens", None
+            else:
+                stop_reason = "end_turn" if stop_sequence is None else "stop_sequence"
 
         yield {
             "type": "message_delta",
-            "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+            "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
             "usage": {"output_tokens": used},
         }
         yield {"type": "message_stop"}
@@ -233,6 +238,16 @@ def _tool_use_block(index: int, tool_id: str, name: str, chunks: list[str], dela
         _pause(delay)
         yield _delta(index, {"type": "input_json_delta", "partial_json": chunk})
     yield {"type": "content_block_stop", "index": index}
+
+
+def _cut_at_stop_sequence(text: str, stop_sequences: list[str]) -> tuple[str, str | None]:
+    """The text up to the earliest stop sequence in it, and that sequence (as Anthropic does,
+    the sequence itself is not part of the answer)."""
+    found = [(text.find(sequence), sequence) for sequence in stop_sequences if sequence and sequence in text]
+    if not found:
+        return text, None
+    position, sequence = min(found)
+    return text[:position], sequence
 
 
 def _text_block(index: int, pieces: list[str], delay: float) -> Iterator[dict]:
