@@ -29,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 # Cancelling "select all" in the admin may meet millions of rows: one update per chunk.
 CANCEL_CHUNK = 500
+# One watchdog round queues at most this many tokens for messages whose token was lost.
+REQUEUE_BATCH = 100
 
 
 class Superseded(Exception):
@@ -176,6 +178,14 @@ def claim_rescued(job_pk: int, attempt: int) -> MessageJob | None:
     return MessageJob.objects.get(pk=job_pk) if won else None
 
 
+def renew_lease(job_pk: int, attempt: int) -> bool:
+    """Keep the lease of a message whose worker process is alive, though its model may be silent
+    for longer than a lease (a slow first token, a long tool call). False if it is not ours."""
+    return bool(
+        MessageJob.objects.filter(pk=job_pk, status=Status.PROCESSING, attempts=attempt).update(lease_expires_at=_lease())
+    )
+
+
 def append_events(job_pk: int, attempt: int, events: list[dict[str, Any]]) -> None:
     """Record a running message's events and renew its lease; `Superseded` if it is not ours."""
     if not _write(job_pk, Q(status=Status.PROCESSING, attempts=attempt), {"lease_expires_at": _lease()}, events):
@@ -319,3 +329,26 @@ def recover_stale() -> int:
             logger.warning("message %s lost its worker during attempt %s; queued again", job.message_id, job.attempts)
             tasks.enqueue_token(rescue=(job.pk, job.attempts))
     return len(stale)
+
+
+def requeue_lost() -> int:
+    """Pending messages that no token will come for get new tokens. Returns how many.
+
+    A token can be lost while its message waits: the Redis broker forgets the tokens a killed
+    cluster had prefetched (the ORM broker hands them out again, but only after `retry`), a token
+    whose claim met a database error is spent, and with Redis the web process may die between
+    committing a message and queuing its token. So when the broker's queue is empty while
+    messages have waited longer than a lease, the queue is topped up. A token too many costs one
+    query: it finds nothing to claim.
+    """
+    from messaging import tasks
+
+    if not tasks.queue_is_empty():
+        return 0
+    waited = timezone.now() - timedelta(seconds=settings.MESSAGING_LEASE_SECONDS)
+    waiting = MessageJob.objects.filter(status=Status.PENDING, created_at__lt=waited)[:REQUEUE_BATCH].count()
+    for _ in range(waiting):
+        tasks.enqueue_token()
+    if waiting:
+        logger.warning("%s pending message(s) had no token in the queue; queued again", waiting)
+    return waiting

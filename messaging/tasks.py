@@ -2,23 +2,27 @@
 
 django-q2 has no priorities and no FIFO guarantee, so its tasks carry no message: each one is
 a token that claims the highest-priority pending message when a worker gets to it. Every
-accepted message queues one token; a message rescued from a dead worker queues one more.
+accepted message queues one token; a message rescued from a dead worker queues one more, and
+so does a pending message whose token was lost (see `jobs.requeue_lost`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from functools import cache
 from typing import Any
 
 from django.conf import settings
+from django.utils import timezone
 from django_q.brokers import Broker, get_broker
+from django_q.models import OrmQ
 from django_q.tasks import async_task
 from jsonschema import Draft202012Validator
 
-from messaging import catalog, jobs
+from messaging import catalog, jobs, worker
 from messaging.events import EventRecorder
 from messaging.models import MessageJob, Status
 from messaging.providers.base import ProviderError
@@ -41,13 +45,26 @@ def enqueue_token(rescue: tuple[int, int] | None = None) -> None:
     async_task("messaging.tasks.process_next", rescue, broker=shared_broker())
 
 
+def queue_is_empty() -> bool:
+    """No token waits in the broker's queue (those a cluster has prefetched are not in it)."""
+    broker = shared_broker()
+    if QUEUE_IN_DATABASE:
+        # The ORM broker's queue_size() counts every row: a full count per watchdog round
+        # under a backlog of a million. One row is enough to know.
+        return not OrmQ.objects.using(settings.Q_CLUSTER["orm"]).filter(key=broker.list_key, lock__lte=timezone.now()).exists()
+    return not broker.queue_size()
+
+
 def process_next(rescue: tuple[int, int] | list[int] | None = None) -> str:
     """Claim a message and run it to a terminal status. `rescue` is (job pk, attempt) of a
     message whose worker died."""
     job = jobs.claim_rescued(*rescue) if rescue else jobs.claim_next()
     if job is None:
         return "idle"
-    run(job)
+    # Which process runs which attempt: what an operator (or a test) needs after a crash.
+    logger.info("message %s attempt %s started in worker process %s", job.message_id, job.attempts, os.getpid())
+    with worker.running(job.pk, job.attempts):
+        run(job)
     return job.message_id
 
 

@@ -1,0 +1,444 @@
+"""The status machine (messaging/jobs.py) on the database, without processes.
+
+Tokens are read back from whichever broker is configured: rows of the ORM broker's queue
+table, or the Redis list.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.db import connections
+from django.utils import timezone
+from django_q.models import OrmQ
+from django_q.signing import SignedPackage
+
+from messaging import jobs, tasks, worker
+from messaging.errors import Conflict
+from messaging.models import MessageEvent, MessageJob, Status, WorkerHeartbeat
+from messaging.serializers import check_request
+from tests.processes import broker  # noqa: F401 -- fixture
+
+RESULT = {"id": "msg", "type": "message", "role": "assistant", "model": "echo", "content": [{"type": "text", "text": "Hi"}]}
+START = {"type": "message_start", "message": {**RESULT, "content": []}}
+TEXT_EVENTS = [
+    {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+    {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hi"}},
+]
+
+
+@pytest.fixture(autouse=True)
+def empty_queue(broker: None) -> None:
+    """Each test starts with no token in the broker, whichever it is."""
+
+
+def accept(text: str = "Hello", owner: str = "alice", **fields: Any) -> MessageJob:
+    checked = check_request({"messages": [{"role": "user", "content": text}], **fields}, endpoint="async")
+    assert checked.valid, checked.errors
+    job, created = jobs.accept(owner, checked)
+    assert created
+    return job
+
+
+def claimed(**fields: Any) -> MessageJob:
+    job = accept(**fields)
+    taken = jobs.claim_next()
+    assert taken is not None and taken.pk == job.pk
+    return taken
+
+
+def queued_tokens() -> list[Any]:
+    """What each queued token carries: None (claim the next message) or a rescue (pk, attempt)."""
+    queue = tasks.shared_broker()
+    if tasks.QUEUE_IN_DATABASE:
+        payloads = list(OrmQ.objects.filter(key=queue.list_key).order_by("id").values_list("payload", flat=True))
+    else:
+        payloads = queue.connection.lrange(queue.list_key, 0, -1)
+    carried = [SignedPackage.loads(payload)["args"][0] for payload in payloads]
+    return [None if rescue is None else tuple(rescue) for rescue in carried]
+
+
+def stream(job: MessageJob) -> list[tuple[int, str, Any]]:
+    """(sequence, type, status) of each event, in order."""
+    rows = MessageEvent.objects.filter(job=job).order_by("sequence").values_list("sequence", "type", "data")
+    return [(sequence, kind, data.get("status")) for sequence, kind, data in rows]
+
+
+def expire_lease(job: MessageJob) -> None:
+    MessageJob.objects.filter(pk=job.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+
+
+def in_threads(count: int, action: Callable[[], Any]) -> list[Any]:
+    """Run `action` in `count` threads released at the same moment; their results."""
+    barrier = threading.Barrier(count)
+    results: list[Any] = [None] * count
+    errors: list[BaseException] = []
+
+    def run(slot: int) -> None:
+        try:
+            barrier.wait()
+            results[slot] = action()
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+        finally:
+            connections.close_all()
+
+    threads = [threading.Thread(target=run, args=(slot,)) for slot in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    return results
+
+
+# --- accepting ---------------------------------------------------------------------------------
+
+
+def test_accept_stores_the_message_its_pending_event_and_one_token(db: None) -> None:
+    job = accept("Hello there", priority=7, correlation_id="order-42")
+
+    job.refresh_from_db()
+    assert (job.status, job.priority, job.correlation_id, job.attempts, job.last_sequence) == ("pending", 7, "order-42", 0, 1)
+    events = list(job.events.values_list("sequence", "type", "data"))
+    assert events == [(1, "status", {"type": "status", "status": "pending", "correlation_id": "order-42"})]
+    # With the ORM broker the token is a row written in the message's transaction; with Redis
+    # it is pushed once the message is committed. Either way there is exactly one.
+    assert queued_tokens() == [None]
+
+
+def test_a_message_the_broker_refuses_is_not_stored(db: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broker_down(rescue: Any = None) -> None:
+        raise ConnectionError("broker unavailable")
+
+    monkeypatch.setattr(tasks, "enqueue_token", broker_down)
+    with pytest.raises(ConnectionError):
+        accept()
+
+    assert not MessageJob.objects.exists()
+    assert not MessageEvent.objects.exists()
+
+
+# --- claiming ----------------------------------------------------------------------------------
+
+
+def test_claim_next_takes_the_highest_priority_first_then_the_oldest(db: None) -> None:
+    jobs_by_name = {name: accept(name, priority=priority) for name, priority in
+                    [("low1", 0), ("mid1", 5), ("high1", 10), ("mid2", 5), ("high2", 10), ("low2", 0)]}
+
+    order = []
+    while (job := jobs.claim_next()) is not None:
+        order.append(next(name for name, known in jobs_by_name.items() if known.pk == job.pk))
+
+    assert order == ["high1", "high2", "mid1", "mid2", "low1", "low2"]
+
+
+def test_a_claim_starts_the_first_attempt_with_a_lease(db: None, settings: Any) -> None:
+    settings.MESSAGING_LEASE_SECONDS = 30
+    before = timezone.now()
+    job = claimed(correlation_id="order-42")
+
+    assert (job.status, job.attempts) == ("processing", 1)
+    assert job.started_at is not None and job.started_at >= before
+    assert job.lease_expires_at is not None
+    assert timedelta(seconds=29) < job.lease_expires_at - before < timedelta(seconds=31)
+    assert stream(job) == [(1, "status", "pending"), (2, "status", "processing")]
+    assert job.events.get(sequence=2).data == {"type": "status", "status": "processing", "attempt": 1, "correlation_id": "order-42"}
+
+
+def test_two_workers_claiming_one_message_never_both_win(transactional_db: None) -> None:
+    for _ in range(5):
+        job = accept()
+        winners = [claim for claim in in_threads(2, jobs.claim_next) if claim is not None]
+        assert [winner.pk for winner in winners] == [job.pk]
+        assert stream(job) == [(1, "status", "pending"), (2, "status", "processing")]
+
+
+def test_two_workers_rescuing_one_message_never_both_win(transactional_db: None) -> None:
+    job = claimed()
+    winners = [claim for claim in in_threads(2, lambda: jobs.claim_rescued(job.pk, 1)) if claim is not None]
+
+    assert len(winners) == 1
+    assert winners[0].attempts == 2
+    assert stream(job) == [(1, "status", "pending"), (2, "status", "processing"), (3, "status", "processing")]
+    assert job.events.get(sequence=3).data["attempt"] == 2
+
+
+# --- running -----------------------------------------------------------------------------------
+
+
+def test_events_are_numbered_one_by_one_without_gaps(db: None) -> None:
+    job = claimed()
+    jobs.append_events(job.pk, 1, [START])
+    jobs.append_events(job.pk, 1, [])  # a lease renewal, with nothing to record
+    jobs.append_events(job.pk, 1, TEXT_EVENTS)
+    jobs.append_events(job.pk, 1, [{"type": "content_block_stop", "index": 0}, {"type": "message_stop"}])
+    assert jobs.complete(job, 1, RESULT)
+
+    sequences = list(job.events.order_by("sequence").values_list("sequence", flat=True))
+    assert sequences == list(range(1, 9))
+    job.refresh_from_db()
+    assert (job.status, job.last_sequence, job.result, job.lease_expires_at) == ("completed", 8, RESULT, None)
+    assert stream(job)[-1] == (8, "status", "completed")
+
+
+def test_a_worker_that_lost_its_message_to_a_rescue_cannot_write(db: None) -> None:
+    job = claimed()
+    assert jobs.claim_rescued(job.pk, 1) is not None
+
+    with pytest.raises(jobs.Superseded):
+        jobs.append_events(job.pk, 1, [START])
+    assert not jobs.complete(job, 1, RESULT)
+    assert not jobs.renew_lease(job.pk, 1)
+    jobs.append_events(job.pk, 2, [START])  # the new attempt's writes go through
+    assert jobs.renew_lease(job.pk, 2)
+
+
+# --- cancelling --------------------------------------------------------------------------------
+
+
+def test_appending_events_after_a_cancel_raises_superseded(db: None) -> None:
+    job = claimed()
+    jobs.append_events(job.pk, 1, [START])
+    jobs.cancel(job)
+
+    with pytest.raises(jobs.Superseded):
+        jobs.append_events(job.pk, 1, TEXT_EVENTS)
+    with pytest.raises(jobs.Superseded):
+        jobs.append_events(job.pk, 1, [])
+    assert stream(job)[-1] == (4, "status", "cancelled")
+
+
+def test_completing_a_cancelled_message_returns_false_and_writes_nothing(db: None) -> None:
+    job = claimed()
+    jobs.append_events(job.pk, 1, [START, *TEXT_EVENTS])
+    cancelled = jobs.cancel(job)
+    events_before = stream(job)
+
+    assert not jobs.complete(job, 1, RESULT)
+    assert not jobs.fail(job, 1, Status.FAILED, {"type": "timeout_error", "message": "late"})
+
+    job.refresh_from_db()
+    assert job.status == "cancelled"
+    assert job.error is None
+    # The result is what the recorded events add up to, as the cancel left it.
+    assert job.result == cancelled.result
+    assert job.result["content"] == [{"type": "text", "text": "Hi"}]
+    assert stream(job) == events_before
+    assert events_before[-1] == (6, "status", "cancelled")
+
+
+def test_cancelling_a_completed_message_is_a_conflict_that_says_it_completed(db: None) -> None:
+    job = claimed()
+    assert jobs.complete(job, 1, RESULT)
+
+    with pytest.raises(Conflict, match="has already completed"):
+        jobs.cancel(job)
+    job.refresh_from_db()
+    assert job.status == "completed"
+    assert stream(job)[-1] == (3, "status", "completed")
+
+
+def test_cancelling_a_cancelled_message_again_changes_nothing(db: None) -> None:
+    job = accept()
+    jobs.cancel(job)
+    events_before = stream(job)
+
+    assert jobs.cancel(job).status == "cancelled"
+    assert stream(job) == events_before == [(1, "status", "pending"), (2, "status", "cancelled")]
+
+
+def test_a_cancelled_worker_keeps_its_partial_result(db: None) -> None:
+    job = claimed()
+    jobs.append_events(job.pk, 1, [START])
+    jobs.cancel(job)
+    partial = {**RESULT, "content": [{"type": "text", "text": "Hi the"}]}
+
+    jobs.keep_partial_result(job, 1, partial)
+
+    job.refresh_from_db()
+    assert job.result == partial
+
+
+def test_cancel_many_cancels_only_the_pending_and_processing_messages(db: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jobs, "CANCEL_CHUNK", 2)  # several rounds over a small set
+    pending = [accept("p1"), accept("p2"), accept("p3")]
+    processing = [claimed(text="r1", priority=10), claimed(text="r2", priority=10)]
+    completed = claimed(text="c", priority=10)
+    jobs.complete(completed, 1, RESULT)
+    failed = claimed(text="f", priority=10)
+    jobs.fail(failed, 1, Status.FAILED, {"type": "timeout_error", "message": "too slow"})
+    cancelled = accept("x")
+    jobs.cancel(cancelled)
+    finished = {job.pk: stream(job) for job in (completed, failed, cancelled)}
+
+    assert jobs.cancel_many(MessageJob.objects.all()) == 5
+
+    for job in pending:
+        assert stream(job) == [(1, "status", "pending"), (2, "status", "cancelled")]
+    for job in processing:
+        assert stream(job) == [(1, "status", "pending"), (2, "status", "processing"), (3, "status", "cancelled")]
+    for job in pending + processing:
+        job.refresh_from_db()
+        assert (job.status, job.last_sequence) == ("cancelled", len(stream(job)))
+        assert job.finished_at is not None and job.lease_expires_at is None
+    assert {job.pk: stream(job) for job in (completed, failed, cancelled)} == finished
+    assert dict(MessageJob.objects.filter(pk__in=finished).values_list("message_id", "status")) == {
+        completed.message_id: "completed",
+        failed.message_id: "failed",
+        cancelled.message_id: "cancelled",
+    }
+    assert jobs.cancel_many(MessageJob.objects.all()) == 0
+
+
+# --- recovering --------------------------------------------------------------------------------
+
+
+def test_a_message_with_a_live_lease_is_left_alone(db: None) -> None:
+    job = claimed()
+    tokens = queued_tokens()
+
+    assert jobs.recover_stale() == 0
+    assert queued_tokens() == tokens
+
+
+def test_a_message_whose_lease_ran_out_is_queued_for_rescue_once(db: None) -> None:
+    job = claimed()
+    expire_lease(job)
+
+    jobs.recover_stale()
+    rescues = [token for token in queued_tokens() if token is not None]
+    assert rescues == [(job.pk, 1)]
+    job.refresh_from_db()
+    assert job.lease_expires_at is not None and job.lease_expires_at > timezone.now()
+    assert (job.status, job.attempts) == ("processing", 1)
+
+    # The renewed lease holds the message for its rescue token.
+    jobs.recover_stale()
+    assert [token for token in queued_tokens() if token is not None] == rescues
+
+    rescued = jobs.claim_rescued(*rescues[0])
+    assert rescued is not None and rescued.attempts == 2
+    assert stream(job)[-1] == (3, "status", "processing")
+    assert job.events.get(sequence=3).data["attempt"] == 2
+
+
+def test_a_message_that_lost_its_worker_too_often_ends_as_error(db: None, settings: Any) -> None:
+    settings.MESSAGING_MAX_ATTEMPTS = 2
+    job = claimed()
+    expire_lease(job)
+    jobs.recover_stale()
+    assert jobs.claim_rescued(job.pk, 1) is not None
+    expire_lease(job)
+
+    jobs.recover_stale()
+
+    job.refresh_from_db()
+    assert (job.status, job.attempts, job.lease_expires_at) == ("error", 2, None)
+    assert job.error["type"] == "api_error"
+    assert "2 times" in job.error["message"]
+    assert stream(job)[-2:] == [(4, "error", None), (5, "status", "error")]
+    assert [token for token in queued_tokens() if token is not None] == [(job.pk, 1)]
+    # Nothing more to do, ever.
+    jobs.recover_stale()
+    assert stream(job)[-1] == (5, "status", "error")
+    assert jobs.claim_rescued(job.pk, 2) is None
+
+
+def test_a_watchdog_round_renews_the_lease_of_the_message_its_process_runs(db: None) -> None:
+    job = claimed()
+    expire_lease(job)
+
+    with worker.running(job.pk, 1):
+        worker.watch_round("testhost:1")
+
+    job.refresh_from_db()
+    assert job.lease_expires_at is not None and job.lease_expires_at > timezone.now()
+    assert [token for token in queued_tokens() if token is not None] == []
+    assert WorkerHeartbeat.objects.filter(name="testhost:1").exists()
+
+
+def test_a_watchdog_round_rescues_a_message_no_process_runs(db: None) -> None:
+    job = claimed()
+    expire_lease(job)
+
+    worker.watch_round("testhost:1")
+
+    assert [token for token in queued_tokens() if token is not None] == [(job.pk, 1)]
+
+
+def test_a_pending_message_whose_token_was_lost_gets_a_new_one(db: None, settings: Any) -> None:
+    settings.MESSAGING_LEASE_SECONDS = 5
+    job = accept()
+    assert jobs.requeue_lost() == 0  # its token is queued
+
+    tasks.shared_broker().purge_queue()
+    assert jobs.requeue_lost() == 0  # it has not waited a lease yet: its token may be on the way
+
+    MessageJob.objects.filter(pk=job.pk).update(created_at=timezone.now() - timedelta(seconds=6))
+    assert jobs.requeue_lost() == 1
+    assert queued_tokens() == [None]
+    assert jobs.requeue_lost() == 0
+
+
+# --- terminal statuses -------------------------------------------------------------------------
+
+
+def _completed() -> MessageJob:
+    job = claimed()
+    jobs.complete(job, 1, RESULT)
+    return job
+
+
+def _failed() -> MessageJob:
+    job = claimed()
+    jobs.fail(job, 1, Status.FAILED, {"type": "timeout_error", "message": "too slow"}, RESULT)
+    return job
+
+
+def _errored() -> MessageJob:
+    job = claimed()
+    jobs.fail(job, 1, Status.ERROR, {"type": "api_error", "message": "broken"})
+    return job
+
+
+def _cancelled() -> MessageJob:
+    job = claimed()
+    jobs.cancel(job)
+    return job
+
+
+@pytest.mark.parametrize("finish", [_completed, _failed, _errored, _cancelled], ids=["completed", "failed", "error", "cancelled"])
+def test_a_terminal_status_never_changes(db: None, finish: Callable[[], MessageJob]) -> None:
+    job = finish()
+    job.refresh_from_db()
+    fields = ("status", "attempts", "result", "error", "finished_at", "last_sequence")
+    before = {field: getattr(job, field) for field in fields}
+    events_before = stream(job)
+    # A lease left behind must not be what protects it.
+    expire_lease(job)
+
+    assert jobs.claim_next() is None
+    assert jobs.claim_rescued(job.pk, 1) is None
+    with pytest.raises(jobs.Superseded):
+        jobs.append_events(job.pk, 1, [START])
+    assert not jobs.renew_lease(job.pk, 1)
+    assert not jobs.complete(job, 1, RESULT)
+    assert not jobs.fail(job, 1, Status.ERROR, {"type": "api_error", "message": "again"})
+    assert not jobs.fail(job, None, Status.ERROR, {"type": "api_error", "message": "again"})
+    if before["status"] == "cancelled":
+        jobs.cancel(job)
+    else:
+        with pytest.raises(Conflict):
+            jobs.cancel(job)
+    assert jobs.cancel_many(MessageJob.objects.all()) == 0
+    jobs.recover_stale()
+
+    job.refresh_from_db()
+    assert {field: getattr(job, field) for field in fields} == before
+    assert stream(job) == events_before
+    assert [token for token in queued_tokens() if token is not None] == []
