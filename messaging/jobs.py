@@ -21,6 +21,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
+from messaging import notify
 from messaging.errors import Conflict
 from messaging.models import ACTIVE_STATUSES, MessageEvent, MessageJob, Status
 from messaging.serializers import CheckedRequest, split_secrets
@@ -60,6 +61,7 @@ def _write(job_pk: int, match: Q, update: dict[str, Any], events: list[dict[str,
         )
         if not updated:
             return False
+        notify.publish(job_pk)  # a wake-up for streams, delivered when this commits
         if events:
             last = MessageJob.objects.filter(pk=job_pk).values_list("last_sequence", flat=True).get()
             first = last - len(events) + 1
@@ -87,19 +89,7 @@ def accept(owner: str, checked: CheckedRequest, message_id: str | None = None) -
         if existing is not None:
             return _same_request(existing, request_hash), False
 
-    request = checked.normalized()
-    public, secrets = split_secrets(request)
-    fields = {
-        "owner": owner,
-        "model": request["model"],
-        "priority": request["priority"],
-        "correlation_id": request.get("correlation_id"),
-        "request": public,
-        "secrets": secrets,
-        "request_hash": request_hash,
-        "warnings": checked.warnings,
-        "last_sequence": 1,
-    }
+    fields = _new_message(owner, checked, request_hash)
     if message_id is not None:
         fields["message_id"] = message_id
     try:
@@ -125,6 +115,43 @@ def accept(owner: str, checked: CheckedRequest, message_id: str | None = None) -
             job.delete()
             raise
     return job, True
+
+
+def _new_message(owner: str, checked: CheckedRequest, request_hash: str) -> dict[str, Any]:
+    request = checked.normalized()
+    public, secrets = split_secrets(request)
+    return {
+        "owner": owner,
+        "model": request["model"],
+        "priority": request["priority"],
+        "correlation_id": request.get("correlation_id"),
+        "request": public,
+        "secrets": secrets,
+        "request_hash": request_hash,
+        "warnings": checked.warnings,
+        "last_sequence": 1,
+    }
+
+
+def accept_and_claim(owner: str, checked: CheckedRequest) -> MessageJob:
+    """For the synchronous endpoint: store the message already claimed by the web process that
+    runs it, with no token, so it never waits in the queue. Should that process die, the lease
+    runs out and a worker takes the message up like any other."""
+    fields = _new_message(owner, checked, checked.request_hash())
+    now = timezone.now()
+    fields.update(status=Status.PROCESSING, attempts=1, started_at=now, lease_expires_at=_lease(), last_sequence=2)
+    with transaction.atomic():
+        job = MessageJob.objects.create(**fields)
+        MessageEvent.objects.bulk_create(
+            [
+                MessageEvent(job=job, sequence=1, type="status", data=status_event(Status.PENDING, job.correlation_id)),
+                MessageEvent(
+                    job=job, sequence=2, type="status",
+                    data=status_event(Status.PROCESSING, job.correlation_id, attempt=1),
+                ),
+            ]
+        )
+    return job
 
 
 def _same_request(existing: MessageJob, request_hash: str) -> MessageJob:
@@ -289,6 +316,8 @@ def _cancel_pending(pks: list[int]) -> int:
             MessageEvent(job_id=pk, sequence=last + 1, type="status", data=status_event(Status.CANCELLED, correlation_id))
             for pk, last, correlation_id in rows
         )
+        for pk, _, _ in rows:
+            notify.publish(pk)
     return len(rows)
 
 

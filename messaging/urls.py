@@ -3,13 +3,15 @@ from __future__ import annotations
 from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerView
 
-from messaging import views
+from messaging import streaming, views
 
 urlpatterns = [
     path("v1/messages/validate", views.ValidateView.as_view(), name="validate"),
     path("v1/messages/async", views.AsyncMessageView.as_view(), name="async"),
-    path("v1/messages", views.MessageListView.as_view(), name="messages"),
+    # GET lists (a DRF view); POST runs a message synchronously (an async view).
+    path("v1/messages", streaming.messages_root, name="messages"),
     path("v1/messages/<str:message_id>", views.MessageDetailView.as_view(), name="message"),
+    path("v1/messages/<str:message_id>/stream", streaming.message_stream, name="stream"),
     path("v1/messages/<str:message_id>/cancel", views.CancelView.as_view(), name="cancel"),
     path("v1/models", views.ModelsView.as_view(), name="models"),
     path("v1/schema", SpectacularAPIView.as_view(), name="schema"),

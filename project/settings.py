@@ -191,6 +191,12 @@ MESSAGING_MAX_ATTEMPTS = env_int("MESSAGING_MAX_ATTEMPTS", 3, minimum=1)
 MESSAGING_CHECK_INTERVAL = env_float("MESSAGING_CHECK_INTERVAL", 0.25, minimum=0.01)
 # Token deltas are written in small batches at most this far apart (stream: true).
 MESSAGING_FLUSH_INTERVAL = env_float("MESSAGING_FLUSH_INTERVAL", 0.05, minimum=0.0)
+# Streams: a comment line goes out after this many seconds of silence.
+MESSAGING_PING_INTERVAL = env_float("MESSAGING_PING_INTERVAL", 15.0, minimum=0.1)
+# SQLite has no notifications: each web process polls its watched messages this often.
+MESSAGING_POLL_INTERVAL = env_float("MESSAGING_POLL_INTERVAL", 0.05, minimum=0.005)
+# Threads per web process that run synchronous POST /v1/messages requests.
+MESSAGING_SYNC_THREADS = env_int("MESSAGING_SYNC_THREADS", 32, minimum=1)
 # /readyz wants a worker heartbeat at most this old.
 MESSAGING_WORKER_STALE_SECONDS = env_float("MESSAGING_WORKER_STALE_SECONDS", 30.0, minimum=1.0)
 # The delay per word of the built-in `echo-slow` model.
@@ -258,6 +264,8 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # Streams and the synchronous endpoint are async views DRF cannot host; documented here.
+    "PREPROCESSING_HOOKS": ["messaging.schema.add_async_views"],
     "ENUM_NAME_OVERRIDES": {
         "MessageStatusEnum": "messaging.models.Status",
         "RoleEnum": ["user", "assistant"],

@@ -33,3 +33,6 @@ def bob(db: None) -> APIClient:
 @pytest.fixture
 def anonymous() -> APIClient:
     return APIClient()
+
+# Process fixtures (start_cluster, start_server, broker) for the end-to-end tests.
+pytest_plugins = ["tests.processes"]

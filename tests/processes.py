@@ -245,3 +245,71 @@ def start_cluster(transactional_db: None, broker: None, tmp_path: Path) -> Itera
     yield start
     for cluster in clusters:
         cluster.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """The ASGI server as the README runs it (uvicorn, httptools), on the test database."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, workers: int = 1):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        with open(log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable, "-m", "uvicorn", "project.asgi:application",
+                    "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers),
+                    "--http", "httptools", "--loop", "uvloop", "--no-access-log",
+                ],
+                cwd=MANAGE_PY.parent,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+        wait_until(self._answers, timeout=30, what=f"the server to answer; log:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _answers(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"the server exited; log:\n{self.log()}")
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                return sock.recv(64).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+@pytest.fixture
+def start_server(transactional_db: None, broker: None, tmp_path: Path) -> Iterator[Callable[..., Server]]:
+    """`start_server(MESSAGING_PING_INTERVAL="0.2", ...)` starts an ASGI server with these
+    settings on top of FAST_SETTINGS; every server started is stopped after the test."""
+    servers: list[Server] = []
+
+    def start(**overrides: Any) -> Server:
+        server = Server(cluster_env(**overrides), tmp_path / f"server-{len(servers) + 1}.log")
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()

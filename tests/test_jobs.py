@@ -21,7 +21,6 @@ from messaging import jobs, tasks, worker
 from messaging.errors import Conflict
 from messaging.models import MessageEvent, MessageJob, Status, WorkerHeartbeat
 from messaging.serializers import check_request
-from tests.processes import broker  # noqa: F401 -- fixture
 
 RESULT = {"id": "msg", "type": "message", "role": "assistant", "model": "echo", "content": [{"type": "text", "text": "Hi"}]}
 START = {"type": "message_start", "message": {**RESULT, "content": []}}

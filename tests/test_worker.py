@@ -18,7 +18,6 @@ import pytest
 
 from messaging.models import APIKey, MessageEvent, MessageJob, WorkerHeartbeat
 from tests.processes import LEASE_SECONDS, RECOVERY_INTERVAL, wait_until
-from tests.processes import broker, start_cluster  # noqa: F401 -- fixtures
 
 pytestmark = pytest.mark.e2e
 

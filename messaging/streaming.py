@@ -1,0 +1,268 @@
+"""Server-Sent Events: following a message's events, and the synchronous POST /v1/messages.
+
+These are async Django views (DRF has no async views): under ASGI an idle stream costs an
+asyncio task and an Event, never a thread or a database connection. They share the DRF views'
+authentication, body checks, request contract and error renderer.
+
+Once-per-request work (authentication, storing the message) runs where Django runs sync views
+(`sync_to_async`'s thread-sensitive default); the reads a stream repeats on every wake-up run
+on the executor's threads (`thread_sensitive=False`), so streams never queue behind the sync
+views of their process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from typing import Any
+
+import orjson
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import close_old_connections
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+from rest_framework import exceptions
+
+from messaging import jobs, tasks
+from messaging.auth import APIKeyAuthentication
+from messaging.errors import Conflict, InvalidRequest, error_body, error_response
+from messaging.models import TERMINAL_STATUSES, MessageEvent, MessageJob, Status
+from messaging.notify import hub
+from messaging.parsers import read_json_body
+from messaging.serializers import check_request
+
+logger = logging.getLogger(__name__)
+
+SSE_HEADERS = {
+    "Cache-Control": "no-cache",
+    # nginx and other proxies buffer responses unless told not to.
+    "X-Accel-Buffering": "no",
+}
+# Events read from the database per query while replaying.
+BATCH = 500
+
+
+def _frame(sequence: int, kind: str, data: dict[str, Any]) -> bytes:
+    payload = orjson.dumps({**data, "sequence_number": sequence})
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (sequence, kind.encode(), payload)
+
+
+PING = b": ping\n\n"
+# Anthropic's own keep-alive, for its SDKs (which read every event that has data).
+ANTHROPIC_PING = b'event: ping\ndata: {"type": "ping"}\n\n'
+
+
+def _read_events(job_pk: int, after: int) -> tuple[list[tuple[int, str, dict[str, Any]]], str | None]:
+    rows = list(
+        MessageEvent.objects.filter(job_id=job_pk, sequence__gt=after)
+        .order_by("sequence")
+        .values_list("sequence", "type", "data")[:BATCH]
+    )
+    status = None if rows else MessageJob.objects.filter(pk=job_pk).values_list("status", flat=True).first()
+    return rows, status
+
+
+read_events = sync_to_async(_read_events, thread_sensitive=False)
+
+
+async def follow(job_pk: int, after: int, *, anthropic: bool = False) -> AsyncIterator[bytes]:
+    """The message's events after `after`, then live ones, ending with its terminal status.
+
+    `anthropic=True` speaks exactly Anthropic's protocol for its SDKs: no `status` events
+    (the SDK refuses any event before `message_start`) and `event: ping` keep-alives.
+    """
+    async with hub.watch(job_pk) as woken:
+        while True:
+            woken.clear()
+            rows, status = await read_events(job_pk, after)
+            for sequence, kind, data in rows:
+                after = sequence
+                is_status = kind == "status"
+                if not (anthropic and is_status):
+                    yield _frame(sequence, kind, data)
+                if is_status and data["status"] in TERMINAL_STATUSES:
+                    return
+            if len(rows) == BATCH:
+                continue
+            if not rows and (status is None or status in TERMINAL_STATUSES):
+                return  # finished before `after`, or deleted
+            try:
+                await asyncio.wait_for(woken.wait(), timeout=settings.MESSAGING_PING_INTERVAL)
+            except TimeoutError:
+                yield ANTHROPIC_PING if anthropic else PING
+
+
+# --- Shared request handling ---------------------------------------------------------------
+
+
+def _authenticate(request: HttpRequest) -> str:
+    authenticated = APIKeyAuthentication().authenticate(request)  # type: ignore[arg-type]
+    if authenticated is None:
+        raise exceptions.NotAuthenticated()
+    return authenticated[0].name
+
+
+def _find(owner: str, message_id: str) -> int:
+    job_pk = MessageJob.objects.filter(owner=owner, message_id=message_id).values_list("pk", flat=True).first()
+    if job_pk is None:
+        raise exceptions.NotFound(f"No message with message_id {message_id!r}.")
+    return job_pk
+
+
+def _resume_point(request: HttpRequest) -> int:
+    """Last-Event-ID (a reconnecting EventSource) wins over ?starting_after=."""
+    raw = request.headers.get("Last-Event-ID") or request.GET.get("starting_after") or "0"
+    if not raw.isdigit():
+        source = "Last-Event-ID" if request.headers.get("Last-Event-ID") else "starting_after"
+        raise InvalidRequest([f"{source}: must be an event sequence number (0 or more), not {raw!r}"])
+    return int(raw)
+
+
+def _open_stream(request: HttpRequest, message_id: str) -> tuple[int, int]:
+    owner = _authenticate(request)
+    after = _resume_point(request)
+    return _find(owner, message_id), after
+
+
+def _method_not_allowed(request: HttpRequest, allowed: str, where: str) -> HttpResponse:
+    response = error_response(exceptions.MethodNotAllowed(request.method), where=where)
+    response["Allow"] = allowed
+    return response
+
+
+# --- GET /v1/messages/{message_id}/stream ------------------------------------------------------
+
+
+async def message_stream(request: HttpRequest, message_id: str) -> HttpResponseBase:
+    if request.method != "GET":
+        return _method_not_allowed(request, "GET", "message_stream")
+    try:
+        job_pk, after = await sync_to_async(_open_stream)(request, message_id)
+    except Exception as exc:
+        return error_response(exc, where="message_stream")
+    return StreamingHttpResponse(follow(job_pk, after), content_type="text/event-stream", headers=SSE_HEADERS)
+
+
+# --- POST /v1/messages --------------------------------------------------------------------------
+
+
+@cache
+def _runners() -> ThreadPoolExecutor:
+    # The model call is blocking I/O, so a synchronous message runs on a thread of this web
+    # process instead of waiting in the queue behind asynchronous work.
+    return ThreadPoolExecutor(max_workers=settings.MESSAGING_SYNC_THREADS, thread_name_prefix="messaging-sync")
+
+
+def _run_in_this_process(job: MessageJob) -> None:
+    try:
+        tasks.run(job)
+    finally:
+        close_old_connections()
+
+
+def _start(request: HttpRequest) -> tuple[MessageJob, dict[str, Any]]:
+    owner = _authenticate(request)
+    data = read_json_body(request)
+    checked = check_request(data, endpoint="sync")
+    if not checked.valid:
+        raise InvalidRequest(checked.errors)
+    job = jobs.accept_and_claim(owner, checked)
+    return job, {"warnings": checked.warnings, "stream": bool(checked.values.get("stream"))}
+
+
+def _cancel_abandoned(job_pk: int) -> None:
+    job = MessageJob.objects.get(pk=job_pk)
+    try:
+        jobs.cancel(job)
+        logger.info("message %s cancelled: its synchronous client went away", job.message_id)
+    except Conflict:
+        pass  # it finished first
+
+
+def _ending(job_pk: int) -> MessageJob:
+    return MessageJob.objects.get(pk=job_pk)
+
+
+async def _until_finished(job_pk: int) -> MessageJob:
+    async with hub.watch(job_pk) as woken:
+        while True:
+            woken.clear()
+            job = await sync_to_async(_ending, thread_sensitive=False)(job_pk)
+            if job.status in TERMINAL_STATUSES:
+                return job
+            try:
+                await asyncio.wait_for(woken.wait(), timeout=settings.MESSAGING_PING_INTERVAL)
+            except TimeoutError:
+                pass
+
+
+async def _stream_then_cancel_if_abandoned(job_pk: int, *, anthropic: bool) -> AsyncIterator[bytes]:
+    finished = False
+    try:
+        async for frame in follow(job_pk, 0, anthropic=anthropic):
+            yield frame
+        finished = True
+    finally:
+        if not finished:
+            # The client went away (Django cancels the response task): so does its message.
+            await sync_to_async(_cancel_abandoned, thread_sensitive=False)(job_pk)
+
+
+def _finished_response(job: MessageJob, headers: dict[str, str]) -> HttpResponse:
+    if job.status == Status.COMPLETED:
+        return HttpResponse(orjson.dumps(job.result), content_type="application/json", headers=headers)
+    if job.status == Status.CANCELLED:
+        body = error_body("conflict_error", f"Message {job.message_id} was cancelled before it finished.")
+        return HttpResponse(orjson.dumps(body), status=409, content_type="application/json", headers=headers)
+    error = job.error or {"type": "api_error", "message": "The message did not complete."}
+    body = error_body(error["type"], error["message"])
+    return HttpResponse(orjson.dumps(body), status=500, content_type="application/json", headers=headers)
+
+
+async def create_message(request: HttpRequest) -> HttpResponseBase:
+    try:
+        job, facts = await sync_to_async(_start)(request)
+    except Exception as exc:
+        return error_response(exc, where="create_message")
+    asyncio.get_running_loop().run_in_executor(_runners(), _run_in_this_process, job)
+
+    headers = {"X-Message-ID": job.message_id}
+    if job.correlation_id is not None:
+        headers["X-Correlation-ID"] = job.correlation_id
+    if facts["warnings"]:
+        headers["X-Warnings"] = orjson.dumps(facts["warnings"]).decode()
+    anthropic = "anthropic-version" in request.headers
+
+    if facts["stream"]:
+        return StreamingHttpResponse(
+            _stream_then_cancel_if_abandoned(job.pk, anthropic=anthropic),
+            content_type="text/event-stream",
+            headers={**SSE_HEADERS, **headers},
+        )
+    try:
+        finished = await _until_finished(job.pk)
+    except asyncio.CancelledError:
+        await sync_to_async(_cancel_abandoned, thread_sensitive=False)(job.pk)
+        raise
+    return _finished_response(finished, headers)
+
+
+# --- /v1/messages: GET lists (DRF), POST runs synchronously --------------------------------------
+
+
+@cache
+def _list_view() -> Any:
+    from messaging.views import MessageListView
+
+    return sync_to_async(MessageListView.as_view())
+
+
+@csrf_exempt
+async def messages_root(request: HttpRequest) -> HttpResponseBase:
+    if request.method == "POST":
+        return await create_message(request)
+    return await _list_view()(request)  # type: ignore[no-any-return]
