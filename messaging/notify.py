@@ -24,7 +24,7 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import close_old_connections, connection, transaction
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +64,17 @@ def _publish_redis(job_pk: int) -> None:
     except Exception as exc:
         # Only a wake-up: streams still re-read at their next ping.
         logger.warning("could not publish a stream wake-up: %s", type(exc).__name__)
+
+
+def in_executor(function: Any) -> Any:
+    """Run `function` on the loop's executor threads, each of which keeps one connection; a
+    connection that broke (a database restart) is replaced on its next use."""
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        close_old_connections()
+        return function(*args, **kwargs)
+
+    return sync_to_async(checked, thread_sensitive=False)
 
 
 class Hub:
@@ -162,7 +173,7 @@ class Hub:
         def last_sequences(pks: list[int]) -> dict[int, int]:
             return dict(MessageJob.objects.filter(pk__in=pks).values_list("pk", "last_sequence"))
 
-        read = sync_to_async(last_sequences, thread_sensitive=False)
+        read = in_executor(last_sequences)
         while True:
             await asyncio.sleep(settings.MESSAGING_POLL_INTERVAL)
             pks = list(self._waiters)

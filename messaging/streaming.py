@@ -4,10 +4,10 @@ These are async Django views (DRF has no async views): under ASGI an idle stream
 asyncio task and an Event, never a thread or a database connection. They share the DRF views'
 authentication, body checks, request contract and error renderer.
 
-Once-per-request work (authentication, storing the message) runs where Django runs sync views
-(`sync_to_async`'s thread-sensitive default); the reads a stream repeats on every wake-up run
-on the executor's threads (`thread_sensitive=False`), so streams never queue behind the sync
-views of their process.
+Every database step runs on the event loop's shared executor (`in_executor`), never with
+`sync_to_async`'s thread-sensitive default: under ASGI that gives each request its own thread
+and database connection for as long as the request lives, which for a stream is for ever
+(200 idle streams exhausted PostgreSQL's connections).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from messaging import jobs, tasks
 from messaging.auth import APIKeyAuthentication
 from messaging.errors import Conflict, InvalidRequest, error_body, error_response
 from messaging.models import TERMINAL_STATUSES, MessageEvent, MessageJob, Status
-from messaging.notify import hub
+from messaging.notify import hub, in_executor
 from messaging.parsers import read_json_body
 from messaging.serializers import check_request
 
@@ -66,7 +66,7 @@ def _read_events(job_pk: int, after: int) -> tuple[list[tuple[int, str, dict[str
     return rows, status
 
 
-read_events = sync_to_async(_read_events, thread_sensitive=False)
+read_events = in_executor(_read_events)
 
 
 async def follow(job_pk: int, after: int, *, anthropic: bool = False) -> AsyncIterator[bytes]:
@@ -141,7 +141,7 @@ async def message_stream(request: HttpRequest, message_id: str) -> HttpResponseB
     if request.method != "GET":
         return _method_not_allowed(request, "GET", "message_stream")
     try:
-        job_pk, after = await sync_to_async(_open_stream)(request, message_id)
+        job_pk, after = await in_executor(_open_stream)(request, message_id)
     except Exception as exc:
         return error_response(exc, where="message_stream")
     return StreamingHttpResponse(follow(job_pk, after), content_type="text/event-stream", headers=SSE_HEADERS)
@@ -191,7 +191,7 @@ async def _until_finished(job_pk: int) -> MessageJob:
     async with hub.watch(job_pk) as woken:
         while True:
             woken.clear()
-            job = await sync_to_async(_ending, thread_sensitive=False)(job_pk)
+            job = await in_executor(_ending)(job_pk)
             if job.status in TERMINAL_STATUSES:
                 return job
             try:
@@ -209,7 +209,7 @@ async def _stream_then_cancel_if_abandoned(job_pk: int, *, anthropic: bool) -> A
     finally:
         if not finished:
             # The client went away (Django cancels the response task): so does its message.
-            await sync_to_async(_cancel_abandoned, thread_sensitive=False)(job_pk)
+            await in_executor(_cancel_abandoned)(job_pk)
 
 
 def _finished_response(job: MessageJob, headers: dict[str, str]) -> HttpResponse:
@@ -225,7 +225,7 @@ def _finished_response(job: MessageJob, headers: dict[str, str]) -> HttpResponse
 
 async def create_message(request: HttpRequest) -> HttpResponseBase:
     try:
-        job, facts = await sync_to_async(_start)(request)
+        job, facts = await in_executor(_start)(request)
     except Exception as exc:
         return error_response(exc, where="create_message")
     asyncio.get_running_loop().run_in_executor(_runners(), _run_in_this_process, job)
@@ -246,7 +246,7 @@ async def create_message(request: HttpRequest) -> HttpResponseBase:
     try:
         finished = await _until_finished(job.pk)
     except asyncio.CancelledError:
-        await sync_to_async(_cancel_abandoned, thread_sensitive=False)(job.pk)
+        await in_executor(_cancel_abandoned)(job.pk)
         raise
     return _finished_response(finished, headers)
 

@@ -44,6 +44,10 @@ def api_endpoints() -> list[tuple[str, str]]:
 
 ENDPOINTS = api_endpoints()
 
+# The async views (streams, POST /v1/messages) read the database from executor threads, which
+# cannot see a test's uncommitted transaction: these tests commit.
+pytestmark = pytest.mark.django_db(transaction=True)
+
 
 def test_the_endpoint_list_covers_the_api() -> None:
     assert {("post", "/v1/messages/validate"), ("post", "/v1/messages/async"), ("get", "/v1/messages"),
