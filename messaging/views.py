@@ -12,6 +12,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiExample, OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers
 from rest_framework.exceptions import NotFound
+from rest_framework.negotiation import BaseContentNegotiation
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
@@ -42,7 +43,22 @@ def get_message(request: Request, message_id: str) -> MessageJob:
     return job
 
 
-class JSONBodyView(APIView):
+class JSONOnly(BaseContentNegotiation):
+    """The API speaks JSON only; DRF's negotiation would parse Accept on every request to
+    arrive at the same answer (its docs' "IgnoreClientContentNegotiation")."""
+
+    def select_parser(self, request: Request, parsers: list[Any]) -> Any:
+        return parsers[0]
+
+    def select_renderer(self, request: Request, renderers: list[Any], format_suffix: str | None = None) -> tuple[Any, str]:
+        return renderers[0], renderers[0].media_type
+
+
+class ApiView(APIView):
+    content_negotiation_class = JSONOnly
+
+
+class JSONBodyView(ApiView):
     """A view whose POST body must be a JSON object."""
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
@@ -139,7 +155,7 @@ class ListParamsSerializer(serializers.Serializer):
         return attrs
 
 
-class MessageListView(APIView):
+class MessageListView(ApiView):
     @extend_schema(
         operation_id="list_messages",
         summary="List your messages, newest first",
@@ -192,7 +208,7 @@ class MessageListView(APIView):
         return cursor
 
 
-class MessageDetailView(APIView):
+class MessageDetailView(ApiView):
     @extend_schema(
         operation_id="get_message",
         summary="A message's status and result",
@@ -204,7 +220,7 @@ class MessageDetailView(APIView):
         return Response(message_state(get_message(request, message_id)))
 
 
-class CancelView(APIView):
+class CancelView(ApiView):
     @extend_schema(
         operation_id="cancel_message",
         summary="Cancel a pending or processing message",
@@ -225,7 +241,7 @@ class CancelView(APIView):
         return Response(message_state(job))
 
 
-class ModelsView(APIView):
+class ModelsView(ApiView):
     @extend_schema(
         operation_id="list_models",
         summary="The configured models",
