@@ -121,7 +121,7 @@ def describe(exc: Exception, *, where: str) -> tuple[int, dict[str, Any], dict[s
     elif isinstance(exc, RequestDataTooBig):
         exc = RequestTooLarge()
     elif isinstance(exc, (OperationalError, InterfaceError)) or _is_broker_outage(exc):
-        logger.warning("store or broker unavailable: %s", type(exc).__name__)
+        logger.warning("store or broker unavailable: %s: %s", type(exc).__name__, exc)
         exc = Overloaded()
     elif isinstance(exc, exceptions.NotAuthenticated):
         # DRF's "Authentication credentials were not provided." does not say what to send.

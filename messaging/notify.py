@@ -67,12 +67,16 @@ def _publish_redis(job_pk: int) -> None:
 
 
 def in_executor(function: Any) -> Any:
-    """Run `function` on the loop's executor threads, each of which keeps one connection; a
-    connection that broke (a database restart) is replaced on its next use."""
+    """Run `function` on the loop's shared executor threads, as a request would: the connection
+    is checked before and released after (returned to PostgreSQL's pool; SQLite's persists)."""
 
     def checked(*args: Any, **kwargs: Any) -> Any:
         close_old_connections()
-        return function(*args, **kwargs)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            # With PostgreSQL's pool this hands the connection back; SQLite's stays open.
+            close_old_connections()
 
     return sync_to_async(checked, thread_sensitive=False)
 

@@ -156,7 +156,17 @@ if _database["ENGINE"] == "django.db.backends.sqlite3":
     }
     _database["TEST"] = {"NAME": str(DATA_DIR / "test.sqlite3")}
 elif _database["ENGINE"] == "django.db.backends.postgresql":
-    _database.setdefault("TEST", {})
+    # A pool, not persistent connections: under ASGI each request runs its sync code on a
+    # thread of its own, so a per-thread persistent connection would be opened per request
+    # and never reused. Django hands connections back to the pool at the end of a request.
+    _database["CONN_MAX_AGE"] = 0
+    # psycopg's pool discards a connection that broke (a database restart) when it is returned.
+    _database["CONN_HEALTH_CHECKS"] = False
+    _database.setdefault("OPTIONS", {})["pool"] = {
+        "min_size": env_int("DATABASE_POOL_MIN_SIZE", 1, minimum=0),
+        "max_size": env_int("DATABASE_POOL_MAX_SIZE", 10, minimum=1),
+        "timeout": env_float("DATABASE_POOL_TIMEOUT", 10.0, minimum=0.1),
+    }
 elif not _database["ENGINE"]:
     raise ImproperlyConfigured(f"DATABASE_URL scheme is not supported: {DATABASE_URL!r}")
 
