@@ -7,6 +7,7 @@ names the variable, never a traceback deep inside Django.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -155,10 +156,13 @@ if _database["ENGINE"] == "django.db.backends.sqlite3":
         "timeout": env_int("SQLITE_BUSY_TIMEOUT", 20),
     }
     _database["TEST"] = {"NAME": str(DATA_DIR / "test.sqlite3")}
-elif _database["ENGINE"] == "django.db.backends.postgresql":
+elif _database["ENGINE"] == "django.db.backends.postgresql" and sys.argv[1:2] != ["qcluster"]:
     # A pool, not persistent connections: under ASGI each request runs its sync code on a
     # thread of its own, so a per-thread persistent connection would be opened per request
     # and never reused. Django hands connections back to the pool at the end of a request.
+    # Not for qcluster: it forks its workers after using the database, and psycopg's pool is
+    # not fork-safe (a forked worker would talk over its parent's sockets); its single-threaded
+    # workers keep persistent connections, which django-q2 closes before forking.
     _database["CONN_MAX_AGE"] = 0
     # psycopg's pool discards a connection that broke (a database restart) when it is returned.
     _database["CONN_HEALTH_CHECKS"] = False

@@ -121,23 +121,27 @@ def _descendants(pid: int) -> set[int]:
     return found
 
 
+def spawn(command: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """A child in the project directory, logging to `log_path`, in its own process group: a
+    last-resort kill can take all its processes and nothing of pytest's."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            command,
+            cwd=MANAGE_PY.parent,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+
+
 class Cluster:
     """A running `manage.py qcluster`; its log (stderr) goes to `log_path`."""
 
     def __init__(self, env: dict[str, str], log_path: Path):
         self.log_path = log_path
-        with open(log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, str(MANAGE_PY), "qcluster"],
-                cwd=MANAGE_PY.parent,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                # Its own process group: a last-resort kill can take every process of the
-                # cluster and nothing of pytest's.
-                start_new_session=True,
-            )
+        self.process = spawn([sys.executable, str(MANAGE_PY), "qcluster"], env, log_path)
 
     @property
     def pid(self) -> int:
@@ -231,20 +235,27 @@ def broker() -> Iterator[None]:
     flush_broker()
 
 
+P = TypeVar("P", "Cluster", "Server")
+
+
+def _starter(kind: Callable[[dict[str, str], Path], P], name: str, tmp_path: Path) -> Iterator[Callable[..., P]]:
+    started: list[P] = []
+
+    def start(**overrides: Any) -> P:
+        process = kind(cluster_env(**overrides), tmp_path / f"{name}-{len(started) + 1}.log")
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
 @pytest.fixture
 def start_cluster(transactional_db: None, broker: None, tmp_path: Path) -> Iterator[Callable[..., Cluster]]:
     """`start_cluster(MESSAGING_WORKERS=2, ...)` starts a cluster with these settings on top of
     FAST_SETTINGS; every cluster started is stopped after the test."""
-    clusters: list[Cluster] = []
-
-    def start(**overrides: Any) -> Cluster:
-        cluster = Cluster(cluster_env(**overrides), tmp_path / f"qcluster-{len(clusters) + 1}.log")
-        clusters.append(cluster)
-        return cluster
-
-    yield start
-    for cluster in clusters:
-        cluster.stop()
+    yield from _starter(Cluster, "qcluster", tmp_path)
 
 
 def free_port() -> int:
@@ -260,20 +271,15 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        with open(log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [
-                    sys.executable, "-m", "uvicorn", "project.asgi:application",
-                    "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers),
-                    "--http", "httptools", "--loop", "uvloop", "--no-access-log",
-                ],
-                cwd=MANAGE_PY.parent,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-            )
+        self.process = spawn(
+            [
+                sys.executable, "-m", "uvicorn", "project.asgi:application",
+                "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(workers),
+                "--http", "httptools", "--loop", "uvloop", "--no-access-log",
+            ],
+            env,
+            log_path,
+        )
         wait_until(self._answers, timeout=30, what=f"the server to answer; log:\n{self.log()}")
 
     def log(self) -> str:
@@ -303,13 +309,4 @@ class Server:
 def start_server(transactional_db: None, broker: None, tmp_path: Path) -> Iterator[Callable[..., Server]]:
     """`start_server(MESSAGING_PING_INTERVAL="0.2", ...)` starts an ASGI server with these
     settings on top of FAST_SETTINGS; every server started is stopped after the test."""
-    servers: list[Server] = []
-
-    def start(**overrides: Any) -> Server:
-        server = Server(cluster_env(**overrides), tmp_path / f"server-{len(servers) + 1}.log")
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
+    yield from _starter(Server, "server", tmp_path)
