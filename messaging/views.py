@@ -160,7 +160,7 @@ class MessageListView(ApiView):
         operation_id="list_messages",
         summary="List your messages, newest first",
         parameters=[ListParamsSerializer],
-        responses={200: MessageListSerializer, **docs.ERRORS_AUTH_PARSE},
+        responses={200: MessageListSerializer, 400: docs.ERROR_RESPONSES[400], **docs.ERRORS_AUTH},
         tags=["messages"],
     )
     def get(self, request: Request) -> Response:
