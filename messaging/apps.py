@@ -11,3 +11,7 @@ class MessagingConfig(AppConfig):
         from messaging import schema, worker  # noqa: F401 - schema registers OpenAPI extensions
 
         worker.connect_signals()
+        # A malformed models file stops start-up, not the first request that needs a model.
+        from messaging import catalog
+
+        catalog.models()

@@ -216,6 +216,8 @@ MESSAGING_WORKER_STALE_SECONDS = env_float("MESSAGING_WORKER_STALE_SECONDS", 30.
 # The delay per word of the built-in `echo-slow` model.
 MESSAGING_ECHO_SLOW_DELAY = env_float("MESSAGING_ECHO_SLOW_DELAY", 0.1)
 MESSAGING_DEFAULT_MODEL = env_str("MESSAGING_DEFAULT_MODEL", "echo")
+# A TOML file of models beyond the built-in echo ones (see messaging/catalog.py and README).
+MESSAGING_MODELS_FILE = env_str("MESSAGING_MODELS_FILE", "")
 # Bodies larger than this are refused with 413.
 MESSAGING_MAX_BODY_BYTES = env_int("MESSAGING_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024)
 # Free-form JSON (tool inputs, schemas, tool_context) nested deeper than this is refused.

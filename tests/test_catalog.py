@@ -1,0 +1,123 @@
+"""Models configured in MESSAGING_MODELS_FILE, and GET /v1/models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.test import override_settings
+from rest_framework.test import APIClient
+
+from messaging import catalog
+from messaging.serializers import check_request
+
+VLLM = """
+[models."llama-3.1-8b"]
+provider = "openai"
+base_url = "http://127.0.0.1:8001/v1"
+upstream_model = "meta-llama/Llama-3.1-8B-Instruct"
+max_tokens = 8192
+default_max_tokens = 512
+supports = ["temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed"]
+
+[models.claude]
+provider = "anthropic"
+upstream_model = "claude-sonnet-4-5"
+api_key_env = "ANTHROPIC_API_KEY"
+max_tokens = 64000
+"""
+
+
+@pytest.fixture
+def models_file(tmp_path: Path) -> Iterator[Path]:
+    path = tmp_path / "models.toml"
+    path.write_text(VLLM)
+    with override_settings(MESSAGING_MODELS_FILE=str(path)):
+        catalog.models.cache_clear()
+        yield path
+    catalog.models.cache_clear()
+
+
+def test_it_adds_the_files_models_to_the_built_in_ones(models_file: Path) -> None:
+    models = catalog.models()
+
+    assert list(models) == ["echo", "echo-slow", "llama-3.1-8b", "claude"]
+    llama = models["llama-3.1-8b"]
+    assert (llama.provider, llama.max_tokens, llama.default_max_tokens) == ("openai", 8192, 512)
+    assert llama.options["upstream_model"] == "meta-llama/Llama-3.1-8B-Instruct"
+    claude = models["claude"]
+    assert claude.options["base_url"] == "https://api.anthropic.com"
+    assert claude.default_max_tokens == 1024
+    assert claude.supports == frozenset({"temperature", "top_p", "top_k"})
+
+
+def test_it_lists_them_without_secrets(models_file: Path, alice: APIClient) -> None:
+    body = alice.get("/v1/models").json()
+
+    assert {"id": "claude", "provider": "anthropic", "max_tokens": 64000, "supports": ["temperature", "top_k", "top_p"]} in body["data"]
+    assert "ANTHROPIC_API_KEY" not in str(body) and "127.0.0.1:8001" not in str(body)
+
+
+def test_validation_knows_each_models_limit_and_what_it_ignores(models_file: Path) -> None:
+    too_long = check_request({"model": "llama-3.1-8b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9000}, endpoint="validate")
+    ignored = check_request({"model": "claude", "messages": [{"role": "user", "content": "hi"}], "min_p": 0.1, "top_k": 5}, endpoint="validate")
+
+    assert too_long.errors == ["max_tokens: must be at most 8192, the limit of llama-3.1-8b"]
+    assert ignored.warnings == ["claude ignores min_p"]
+    assert ignored.summary["model"] == "claude" and ignored.summary["max_tokens"] == 1024
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("[models.x\nprovider = 'openai'", "not valid TOML"),
+        ("[models.x]\nprovider = 'bard'\nmax_tokens = 10", "provider must be one of echo, openai, anthropic, not 'bard'"),
+        ("[models.x]\nprovider = 'openai'", "max_tokens (the model's limit) must be a positive integer"),
+        ("[models.x]\nprovider = 'openai'\nmax_tokens = 10\ndefault_max_tokens = 20", "default_max_tokens must be an integer from 1 to max_tokens (10)"),
+        ("[models.x]\nprovider = 'openai'\nmax_tokens = 10\napi_key = 'sk-123'", "keys do not belong in this file"),
+        ("[models.x]\nprovider = 'openai'\nmax_tokens = 10\napi_key_env = 'sk-live-123'", "api_key_env must be the NAME of an environment variable"),
+        ("[models.x]\nprovider = 'openai'\nmax_tokens = 10\ncolour = 'red'", "unknown keys ['colour']"),
+        ("[models.x]\nprovider = 'openai'\nmax_tokens = 10\nsupports = ['vibes']", "supports must list sampling fields"),
+        ("[models.x]\nprovider = 'openai'\nmax_tokens = 10\nbase_url = 'ftp://x'", "base_url must be an http(s) URL"),
+        ("[models.echo]\nprovider = 'echo'\nmax_tokens = 10", "[models.echo] is already a model"),
+        ("default = 'x'", "unknown top-level keys ['default']"),
+    ],
+)
+def test_it_refuses_a_malformed_file_naming_the_problem(tmp_path: Path, text: str, problem: str) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text(text)
+
+    with override_settings(MESSAGING_MODELS_FILE=str(path)), pytest.raises(ImproperlyConfigured) as raised:
+        catalog.models.cache_clear()
+        catalog.models()
+    catalog.models.cache_clear()
+
+    assert str(path) in str(raised.value)
+    assert problem in str(raised.value)
+
+
+def test_a_malformed_file_stops_start_up(tmp_path: Path) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text("[models.x]\nprovider = 'bard'\nmax_tokens = 10\n")
+
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=Path(__file__).resolve().parent.parent,
+        env={"PATH": "/usr/bin:/bin", "MESSAGING_MODELS_FILE": str(path), "DATA_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+    )
+
+    assert result.returncode != 0
+    assert "provider must be one of echo, openai, anthropic, not 'bard'" in result.stderr
+
+
+def test_the_default_model_must_be_configured() -> None:
+    with override_settings(MESSAGING_DEFAULT_MODEL="gpt-5"), pytest.raises(ImproperlyConfigured, match="MESSAGING_DEFAULT_MODEL is 'gpt-5'"):
+        catalog.models.cache_clear()
+        catalog.models()
+    catalog.models.cache_clear()
