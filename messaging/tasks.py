@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from functools import cache
 from typing import Any
 
 from django.conf import settings
+from django.db import close_old_connections, connection
 from django.utils import timezone
 from django_q.brokers import Broker, get_broker
 from django_q.models import OrmQ
@@ -82,13 +84,16 @@ def run(job: MessageJob) -> None:
     recorder = EventRecorder(job.pk, attempt, token_deltas=bool(request.get("stream")))
     # The deadline counts from the first start, so a rescued message does not get a fresh one.
     assert job.started_at is not None
-    deadline = time.time() + settings.MESSAGING_JOB_TIMEOUT - (time.time() - job.started_at.timestamp())
-    stream = catalog.provider_for(spec).stream(request, spec, message_id=job.message_id)
+    deadline = job.started_at.timestamp() + settings.MESSAGING_JOB_TIMEOUT
+    watch = Watch(job.pk, attempt, deadline)
+    stream = catalog.provider_for(spec).stream(request, spec, message_id=job.message_id, cancelled=watch.cancelled)
     try:
         for event in stream:
             recorder.add(event)
             if time.time() > deadline:
                 raise MessageTimeout
+        if watch.out_of_time:
+            raise MessageTimeout  # the provider stopped because the watch told it to
         recorder.flush()
         result = recorder.builder.result()
         problem = _output_problem(request, result)
@@ -107,7 +112,43 @@ def run(job: MessageJob) -> None:
         logger.exception("message %s failed in the service", job.message_id)
         _end_with(job, attempt, recorder, Status.ERROR, "api_error", "The service failed while running this message.")
     finally:
+        watch.stop()
         stream.close()
+
+
+class Watch:
+    """Tells the provider, through `cancelled`, the moment its message stops being this
+    worker's (cancelled, or taken over) or runs out of time, even while the model is silent:
+    events alone would only be checked when the model next says something."""
+
+    def __init__(self, job_pk: int, attempt: int, deadline: float):
+        self.cancelled = threading.Event()
+        self.out_of_time = False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(job_pk, attempt, deadline), name="messaging-watch", daemon=True)
+        self._thread.start()
+
+    def _run(self, job_pk: int, attempt: int, deadline: float) -> None:
+        try:
+            while not self._done.wait(settings.MESSAGING_CHECK_INTERVAL):
+                if time.time() > deadline:
+                    self.out_of_time = True
+                    self.cancelled.set()
+                    return
+                try:
+                    ours = MessageJob.objects.filter(pk=job_pk, status=Status.PROCESSING, attempts=attempt).exists()
+                except Exception:
+                    continue  # the database may be briefly away; the worker's own writes will tell
+                finally:
+                    close_old_connections()
+                if not ours:
+                    self.cancelled.set()
+                    return
+        finally:
+            connection.close()  # this thread's own connection
+
+    def stop(self) -> None:
+        self._done.set()
 
 
 def _end_with(job: MessageJob, attempt: int, recorder: EventRecorder, status: str, error_type: str, message: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import threading
 import time
 import uuid
 from typing import Any
@@ -774,3 +775,17 @@ def test_a_stop_sequence_that_never_appears_changes_nothing() -> None:
     events = run(make_request("one two", stop_sequences=["never"]))
 
     assert next(e for e in events if e["type"] == "message_delta")["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+
+
+def test_it_stops_in_the_middle_of_a_pause_when_cancelled() -> None:
+    cancelled = threading.Event()
+    slow = ModelSpec(id="echo-slow", provider="echo", max_tokens=8192, default_max_tokens=1024, options={"delay": 60})
+    events = []
+    stream = EchoProvider().stream(make_request("one two three"), slow, message_id="msg_c", cancelled=cancelled)
+    events.append(next(stream))  # message_start
+    events.append(next(stream))  # content_block_start; the next word waits 60 s
+    threading.Timer(0.05, cancelled.set).start()
+
+    events.extend(stream)
+
+    assert [e["type"] for e in events] == ["message_start", "content_block_start"]

@@ -298,3 +298,26 @@ def test_readyz_turns_ready_once_a_worker_has_written_a_heartbeat(api: Api, star
     assert body["status"] == "ready"
     assert set(body["checks"].values()) == {"ok"}
     assert cluster.worker_pids()  # the heartbeat is the cluster's worker's
+
+
+def test_a_cancel_stops_a_model_in_the_middle_of_a_long_silence(api: Api, start_cluster: Any) -> None:
+    cluster = start_cluster(MESSAGING_ECHO_SLOW_DELAY="600")  # ten minutes per word
+    message_id = api.submit("never finished", model="echo-slow")
+    api.wait_for_status(message_id, "processing")
+
+    assert api.call("POST", f"/v1/messages/{message_id}/cancel")[0] == 200
+
+    # The one worker is free again at once, not after the model's ten-minute silence.
+    follower = api.submit("next in line")
+    assert api.wait_for_status(follower, "completed")["result"] is not None
+    assert cluster.worker_pids()
+
+
+def test_a_silent_model_past_its_time_limit_fails_as_a_timeout(api: Api, start_cluster: Any) -> None:
+    start_cluster(MESSAGING_ECHO_SLOW_DELAY="600", MESSAGING_JOB_TIMEOUT="1")
+    message_id = api.submit("never finished", model="echo-slow")
+
+    state = api.wait_for_status(message_id, "failed", "error")
+
+    assert state["status"] == "failed"
+    assert state["error"]["type"] == "timeout_error"

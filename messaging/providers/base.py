@@ -7,6 +7,7 @@ means the worker, the stored message and the API output never need to know which
 
 from __future__ import annotations
 
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -37,11 +38,15 @@ class ProviderError(Exception):
 
 class Provider(ABC):
     @abstractmethod
-    def stream(self, request: dict, spec: ModelSpec, *, message_id: str) -> Iterator[dict]:
+    def stream(
+        self, request: dict, spec: ModelSpec, *, message_id: str, cancelled: threading.Event | None = None
+    ) -> Iterator[dict]:
         """Yield the model's events, exactly shaped like Anthropic Messages streaming events
         (message_start, content_block_start, content_block_delta, content_block_stop, message_delta,
         message_stop).
 
         The caller may stop iterating at any time (cancellation): generators must clean up in
-        `finally`.
+        `finally`. `cancelled` is set, from another thread, the moment the message stops being
+        this worker's (cancelled, taken over, or out of time): stop at once, even in the middle
+        of a silent wait, and close any upstream connection so the model stops generating.
         """

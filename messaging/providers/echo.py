@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import re
-import time
+import threading
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote
@@ -38,9 +38,16 @@ _MAX_DEPTH = 32
 
 
 class EchoProvider(Provider):
-    def stream(self, request: dict, spec: ModelSpec, *, message_id: str) -> Iterator[dict]:
-        # Nothing to release here: when the caller closes the generator early, it simply stops.
-        delay = float(spec.options.get("delay", 0.0))
+    def stream(
+        self, request: dict, spec: ModelSpec, *, message_id: str, cancelled: threading.Event | None = None
+    ) -> Iterator[dict]:
+        # Nothing to release here: closed early, or cancelled mid-pause, it simply stops.
+        try:
+            yield from self._answer(request, spec, message_id, _Pacer(float(spec.options.get("delay", 0.0)), cancelled))
+        except _Cancelled:
+            return
+
+    def _answer(self, request: dict, spec: ModelSpec, message_id: str, pause: _Pacer) -> Iterator[dict]:
         max_tokens = request["max_tokens"]
         yield {
             "type": "message_start",
@@ -70,7 +77,7 @@ class EchoProvider(Provider):
             # Like Anthropic, thinking counts towards max_tokens and the output usage.
             limit = min(max_tokens, thinking.get("budget_tokens") or max_tokens)
             words = _words(_reflection(text, tool, json_format))[:limit]
-            yield from _thinking_block(index, words, delay)
+            yield from _thinking_block(index, words, pause)
             used += len(words)
             index += 1
 
@@ -83,20 +90,20 @@ class EchoProvider(Provider):
             if not isinstance(tool_input, dict):
                 tool_input = {}
             chunks = _json_chunks(tool_input, remaining)
-            yield from _tool_use_block(index, _tool_use_id(message_id, index), tool["name"], chunks, delay)
+            yield from _tool_use_block(index, _tool_use_id(message_id, index), tool["name"], chunks, pause)
             used += len(chunks)
             stop_reason = "tool_use"
         elif json_format is not None:
             document = example_for_schema(json_format.get("schema") or {}, prefer_text=text)
             chunks = _json_chunks(document, remaining)
-            yield from _text_block(index, chunks, delay)
+            yield from _text_block(index, chunks, pause)
             used += len(chunks)
             stop_reason = "end_turn"
         else:
             text, stop_sequence = _cut_at_stop_sequence(text, request.get("stop_sequences") or [])
             words = _words(text)
             emitted = words[:remaining]
-            yield from _text_block(index, emitted, delay)
+            yield from _text_block(index, emitted, pause)
             used += len(emitted)
             if len(emitted) < len(words):
                 stop_reason, stop_sequence = "max_tokens", None
@@ -217,25 +224,25 @@ def _json_chunks(value: Any, budget: int) -> list[str]:
     return [text[start : start + size] for start in range(0, len(text), size)]
 
 
-def _thinking_block(index: int, words: list[str], delay: float) -> Iterator[dict]:
+def _thinking_block(index: int, words: list[str], pause: _Pacer) -> Iterator[dict]:
     block = {"type": "thinking", "thinking": "", "signature": ""}
     yield {"type": "content_block_start", "index": index, "content_block": block}
     for word in words:
-        _pause(delay)
+        pause()
         yield _delta(index, {"type": "thinking_delta", "thinking": word})
     signature = hashlib.sha256("".join(words).encode()).hexdigest()
     yield _delta(index, {"type": "signature_delta", "signature": signature})
     yield {"type": "content_block_stop", "index": index}
 
 
-def _tool_use_block(index: int, tool_id: str, name: str, chunks: list[str], delay: float) -> Iterator[dict]:
+def _tool_use_block(index: int, tool_id: str, name: str, chunks: list[str], pause: _Pacer) -> Iterator[dict]:
     yield {
         "type": "content_block_start",
         "index": index,
         "content_block": {"type": "tool_use", "id": tool_id, "name": name, "input": {}},
     }
     for chunk in chunks:
-        _pause(delay)
+        pause()
         yield _delta(index, {"type": "input_json_delta", "partial_json": chunk})
     yield {"type": "content_block_stop", "index": index}
 
@@ -250,10 +257,10 @@ def _cut_at_stop_sequence(text: str, stop_sequences: list[str]) -> tuple[str, st
     return text[:position], sequence
 
 
-def _text_block(index: int, pieces: list[str], delay: float) -> Iterator[dict]:
+def _text_block(index: int, pieces: list[str], pause: _Pacer) -> Iterator[dict]:
     yield {"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}}
     for piece in pieces:
-        _pause(delay)
+        pause()
         yield _delta(index, {"type": "text_delta", "text": piece})
     yield {"type": "content_block_stop", "index": index}
 
@@ -262,9 +269,20 @@ def _delta(index: int, delta: dict) -> dict:
     return {"type": "content_block_delta", "index": index, "delta": delta}
 
 
-def _pause(delay: float) -> None:
-    if delay > 0:
-        time.sleep(delay)
+class _Cancelled(Exception):
+    pass
+
+
+class _Pacer:
+    """`echo-slow`'s delay before each word, cut short the moment the message is cancelled."""
+
+    def __init__(self, delay: float, cancelled: threading.Event | None):
+        self.delay = delay
+        self.cancelled = cancelled or threading.Event()
+
+    def __call__(self) -> None:
+        if self.cancelled.wait(self.delay) if self.delay > 0 else self.cancelled.is_set():
+            raise _Cancelled
 
 
 # --- token estimate --------------------------------------------------------------------------
