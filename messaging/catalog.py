@@ -57,7 +57,7 @@ DEFAULT_SUPPORTS = {
 _MODEL_KEYS = {
     "provider", "base_url", "upstream_model", "api_key_env", "max_tokens", "default_max_tokens",
     "supports", "connect_timeout", "read_timeout", "max_attempts", "retry_deadline", "delay",
-    "max_tokens_field",
+    "max_tokens_field", "retry_base_delay", "retry_max_delay",
 }
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -107,6 +107,8 @@ def _model_spec(where: str, model_id: str, entry: Any) -> ModelSpec:
     provider = entry.get("provider")
     if provider not in PROVIDERS:
         raise problem(f"provider must be one of {', '.join(PROVIDERS)}, not {provider!r}")
+    if provider not in _providers():
+        raise problem(f"the {provider} provider is not available in this version")
     max_tokens = entry.get("max_tokens")
     if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
         raise problem("max_tokens (the model's limit) must be a positive integer")
@@ -119,10 +121,12 @@ def _model_spec(where: str, model_id: str, entry: Any) -> ModelSpec:
     api_key_env = entry.get("api_key_env")
     if api_key_env is not None and (not isinstance(api_key_env, str) or not _ENV_NAME.match(api_key_env)):
         raise problem("api_key_env must be the NAME of an environment variable (e.g. OPENAI_API_KEY), not a key")
-    for name in ("connect_timeout", "read_timeout", "retry_deadline", "delay"):
+    for name in ("connect_timeout", "read_timeout", "retry_deadline", "delay", "retry_base_delay", "retry_max_delay"):
         value = entry.get(name)
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
             raise problem(f"{name} must be a number of seconds")
+    if entry.get("max_tokens_field", "max_tokens") not in ("max_tokens", "max_completion_tokens"):
+        raise problem("max_tokens_field must be max_tokens or max_completion_tokens")
     max_attempts = entry.get("max_attempts")
     if max_attempts is not None and (not isinstance(max_attempts, int) or max_attempts < 1):
         raise problem("max_attempts must be a positive integer")
@@ -178,8 +182,9 @@ def api_key(spec: ModelSpec) -> str | None:
 @cache
 def _providers() -> dict[str, Provider]:
     from messaging.providers.echo import EchoProvider
+    from messaging.providers.openai import OpenAIProvider
 
-    return {"echo": EchoProvider()}
+    return {"echo": EchoProvider(), "openai": OpenAIProvider()}
 
 
 def provider_for(spec: ModelSpec) -> Provider:

@@ -24,11 +24,11 @@ max_tokens = 8192
 default_max_tokens = 512
 supports = ["temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed"]
 
-[models.claude]
-provider = "anthropic"
-upstream_model = "claude-sonnet-4-5"
-api_key_env = "ANTHROPIC_API_KEY"
-max_tokens = 64000
+[models.gpt]
+provider = "openai"
+upstream_model = "gpt-4o-mini"
+api_key_env = "OPENAI_API_KEY"
+max_tokens = 16384
 """
 
 
@@ -45,30 +45,33 @@ def models_file(tmp_path: Path) -> Iterator[Path]:
 def test_it_adds_the_files_models_to_the_built_in_ones(models_file: Path) -> None:
     models = catalog.models()
 
-    assert list(models) == ["echo", "echo-slow", "llama-3.1-8b", "claude"]
+    assert list(models) == ["echo", "echo-slow", "llama-3.1-8b", "gpt"]
     llama = models["llama-3.1-8b"]
     assert (llama.provider, llama.max_tokens, llama.default_max_tokens) == ("openai", 8192, 512)
     assert llama.options["upstream_model"] == "meta-llama/Llama-3.1-8B-Instruct"
-    claude = models["claude"]
-    assert claude.options["base_url"] == "https://api.anthropic.com"
-    assert claude.default_max_tokens == 1024
-    assert claude.supports == frozenset({"temperature", "top_p", "top_k"})
+    gpt = models["gpt"]
+    assert gpt.options["base_url"] == "https://api.openai.com/v1"
+    assert gpt.default_max_tokens == 1024
+    assert gpt.supports == frozenset({"temperature", "top_p", "seed", "presence_penalty", "frequency_penalty"})
 
 
 def test_it_lists_them_without_secrets(models_file: Path, alice: APIClient) -> None:
     body = alice.get("/v1/models").json()
 
-    assert {"id": "claude", "provider": "anthropic", "max_tokens": 64000, "supports": ["temperature", "top_k", "top_p"]} in body["data"]
-    assert "ANTHROPIC_API_KEY" not in str(body) and "127.0.0.1:8001" not in str(body)
+    assert {
+        "id": "gpt", "provider": "openai", "max_tokens": 16384,
+        "supports": ["frequency_penalty", "presence_penalty", "seed", "temperature", "top_p"],
+    } in body["data"]
+    assert "OPENAI_API_KEY" not in str(body) and "127.0.0.1:8001" not in str(body)
 
 
 def test_validation_knows_each_models_limit_and_what_it_ignores(models_file: Path) -> None:
     too_long = check_request({"model": "llama-3.1-8b", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 9000}, endpoint="validate")
-    ignored = check_request({"model": "claude", "messages": [{"role": "user", "content": "hi"}], "min_p": 0.1, "top_k": 5}, endpoint="validate")
+    ignored = check_request({"model": "gpt", "messages": [{"role": "user", "content": "hi"}], "min_p": 0.1, "top_p": 0.5}, endpoint="validate")
 
     assert too_long.errors == ["max_tokens: must be at most 8192, the limit of llama-3.1-8b"]
-    assert ignored.warnings == ["claude ignores min_p"]
-    assert ignored.summary["model"] == "claude" and ignored.summary["max_tokens"] == 1024
+    assert ignored.warnings == ["gpt ignores min_p"]
+    assert ignored.summary["model"] == "gpt" and ignored.summary["max_tokens"] == 1024
 
 
 @pytest.mark.parametrize(
@@ -85,6 +88,8 @@ def test_validation_knows_each_models_limit_and_what_it_ignores(models_file: Pat
         ("[models.x]\nprovider = 'openai'\nmax_tokens = 10\nbase_url = 'ftp://x'", "base_url must be an http(s) URL"),
         ("[models.echo]\nprovider = 'echo'\nmax_tokens = 10", "[models.echo] is already a model"),
         ("default = 'x'", "unknown top-level keys ['default']"),
+        ("[models.x]\nprovider = 'anthropic'\nmax_tokens = 10", "the anthropic provider is not available in this version"),
+        ("[models.x]\nprovider = 'openai'\nmax_tokens = 10\nmax_tokens_field = 'tokens'", "max_tokens_field must be max_tokens or max_completion_tokens"),
     ],
 )
 def test_it_refuses_a_malformed_file_naming_the_problem(tmp_path: Path, text: str, problem: str) -> None:

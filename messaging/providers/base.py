@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +40,7 @@ class Provider(ABC):
     @abstractmethod
     def stream(
         self, request: dict, spec: ModelSpec, *, message_id: str, cancelled: threading.Event | None = None
-    ) -> Iterator[dict]:
+    ) -> Generator[dict, None, None]:
         """Yield the model's events, exactly shaped like Anthropic Messages streaming events
         (message_start, content_block_start, content_block_delta, content_block_stop, message_delta,
         message_stop).

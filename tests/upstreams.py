@@ -1,0 +1,274 @@
+"""Local servers that speak real model APIs over real HTTP, scripted per test.
+
+`OpenAIUpstream` answers POST {base_url}/chat/completions the way OpenAI documents its
+streaming Chat Completions: `Content-Type: text/event-stream`, chunked transfer encoding, one
+`data: {json}` event per `chat.completion.chunk` (each with `usage: null` when
+`stream_options.include_usage` is set), a last chunk with `choices: []` and the usage, then
+`data: [DONE]`. Errors are JSON bodies `{"error": {"message", "type", "param", "code"}}`.
+
+A test scripts the replies, one per request in order (`upstream.script(reply, reply...)`), and
+reads back what each request carried (`upstream.requests`). A streamed reply is a list of
+items: a dict is a chunk, "[DONE]" the end marker, and the actions below misbehave on purpose
+(stall, reset the connection, send raw bytes, or keep the connection alive until the client
+goes away, which is how a test sees that a cancelled client stopped the generation).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+CHUNK_ID = "chatcmpl-test"
+CREATED = 1700000000
+SERVED_MODEL = "served-model"
+
+
+@dataclass(frozen=True)
+class Stall:
+    """Say nothing for this long (cut short when the server stops)."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Reset:
+    """Drop the connection with a TCP reset, as a crashed proxy or server does."""
+
+
+@dataclass(frozen=True)
+class Raw:
+    """Bytes sent as they are, inside the chunked body."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Drip:
+    """Keep sending SSE comments until the client goes away (then count a disconnect), for at
+    most `limit` seconds: an upstream still generating."""
+
+    interval: float = 0.01
+    limit: float = 20.0
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes | None = None
+    stream: list[Any] = field(default_factory=list)
+    # Silence before the status line: a server that accepted the connection and hangs.
+    delay: float = 0.0
+
+
+@dataclass
+class Received:
+    path: str
+    headers: dict[str, str]  # names in lower case
+    body: Any
+
+
+def chunk(delta: dict[str, Any] | None = None, finish_reason: str | None = None, **choice: Any) -> dict[str, Any]:
+    return {
+        "id": CHUNK_ID,
+        "object": "chat.completion.chunk",
+        "created": CREATED,
+        "model": SERVED_MODEL,
+        "system_fingerprint": "fp_test",
+        "choices": [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish_reason, **choice}],
+        "usage": None,
+    }
+
+
+def usage_chunk(prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {
+        "id": CHUNK_ID,
+        "object": "chat.completion.chunk",
+        "created": CREATED,
+        "model": SERVED_MODEL,
+        "system_fingerprint": "fp_test",
+        "choices": [],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def text_stream(*pieces: str, finish_reason: str = "stop", usage: tuple[int, int] | None = (10, 3), **choice: Any) -> list[Any]:
+    items: list[Any] = [chunk({"role": "assistant", "content": ""})]
+    items += [chunk({"content": piece}) for piece in pieces]
+    items.append(chunk({}, finish_reason, **choice))
+    if usage is not None:
+        items.append(usage_chunk(*usage))
+    items.append("[DONE]")
+    return items
+
+
+def tool_stream(*calls: tuple[str, str, list[str]], finish_reason: str = "tool_calls", usage: tuple[int, int] = (20, 9)) -> list[Any]:
+    """Calls as (id, name, argument fragments), streamed one after the other as OpenAI does."""
+    items: list[Any] = [chunk({"role": "assistant", "content": None})]
+    for position, (call_id, name, fragments) in enumerate(calls):
+        opening = {"index": position, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}}
+        items.append(chunk({"tool_calls": [opening]}))
+        items += [chunk({"tool_calls": [{"index": position, "function": {"arguments": fragment}}]}) for fragment in fragments]
+    items += [chunk({}, finish_reason), usage_chunk(*usage), "[DONE]"]
+    return items
+
+
+def streamed(items: list[Any]) -> Reply:
+    return Reply(stream=items)
+
+
+def error_reply(status: int, message: str, *, error_type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> Reply:
+    body = {"error": {"message": message, "type": error_type, "param": None, "code": None}}
+    return Reply(status=status, headers={"Content-Type": "application/json", **(headers or {})}, body=json.dumps(body).encode())
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # the test asserts on `requests`; stderr noise helps nobody
+
+    def do_POST(self) -> None:
+        upstream = self.server.upstream
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = raw
+        upstream.requests.append(Received(self.path, {name.lower(): value for name, value in self.headers.items()}, body))
+        reply = upstream.next_reply(self.path)
+        try:
+            self._answer(reply)
+        except OSError:
+            self.close_connection = True
+
+    def _answer(self, reply: Reply) -> None:
+        upstream = self.server.upstream
+        if reply.delay and upstream.stopping.wait(reply.delay):
+            return
+        self.send_response(reply.status)
+        for name, value in reply.headers.items():
+            self.send_header(name, value)
+        if reply.body is not None or reply.status != 200:
+            body = reply.body or b""
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for item in reply.stream:
+            if isinstance(item, Stall):
+                if upstream.stopping.wait(item.seconds):
+                    return
+            elif isinstance(item, Reset):
+                self._reset()
+                return
+            elif isinstance(item, Drip):
+                self._drip(item)
+                return
+            elif isinstance(item, Raw):
+                self._send(item.data)
+            elif item == "[DONE]":
+                self._send(b"data: [DONE]\n\n")
+            else:
+                self._send(b"data: " + json.dumps(item).encode() + b"\n\n")
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _send(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _reset(self) -> None:
+        # SO_LINGER with a zero timeout turns close() into a RST instead of a FIN.
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close_connection = True
+        self.connection.close()
+
+    def _drip(self, drip: Drip) -> None:
+        upstream = self.server.upstream
+        waited = 0.0
+        while waited < drip.limit:
+            try:
+                self._send(b": still generating\n\n")
+            except OSError:
+                with upstream.lock:
+                    upstream.disconnects += 1
+                self.close_connection = True
+                return
+            if upstream.stopping.wait(drip.interval):
+                return
+            waited += drip.interval
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        except OSError:
+            pass  # the connection was reset on purpose, or by the client
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False
+    upstream: OpenAIUpstream
+
+
+class OpenAIUpstream:
+    def __init__(self) -> None:
+        self.requests: list[Received] = []
+        self.disconnects = 0
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self._replies: deque[Reply] = deque()
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.upstream = self
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread.start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}/v1"
+
+    @property
+    def attempts(self) -> int:
+        return len(self.requests)
+
+    def script(self, *replies: Reply) -> None:
+        self._replies.extend(replies)
+
+    def next_reply(self, path: str) -> Reply:
+        if path != "/v1/chat/completions":
+            return error_reply(404, f"No route {path}", error_type="not_found_error")
+        with self.lock:
+            if self._replies:
+                return self._replies.popleft()
+        return error_reply(500, "The test scripted no reply for this request.", error_type="server_error")
+
+    def close(self) -> None:
+        self.stopping.set()
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def openai_upstream() -> Iterator[OpenAIUpstream]:
+    upstream = OpenAIUpstream()
+    yield upstream
+    upstream.close()
