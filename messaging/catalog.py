@@ -181,10 +181,11 @@ def api_key(spec: ModelSpec) -> str | None:
 
 @cache
 def _providers() -> dict[str, Provider]:
+    from messaging.providers.anthropic import AnthropicProvider
     from messaging.providers.echo import EchoProvider
     from messaging.providers.openai import OpenAIProvider
 
-    return {"echo": EchoProvider(), "openai": OpenAIProvider()}
+    return {"echo": EchoProvider(), "openai": OpenAIProvider(), "anthropic": AnthropicProvider()}
 
 
 def provider_for(spec: ModelSpec) -> Provider:

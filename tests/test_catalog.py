@@ -74,6 +74,22 @@ def test_validation_knows_each_models_limit_and_what_it_ignores(models_file: Pat
     assert ignored.summary["model"] == "gpt" and ignored.summary["max_tokens"] == 1024
 
 
+def test_an_anthropic_model_loads_with_anthropics_api_as_its_default_base_url(tmp_path: Path) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text("[models.claude]\nprovider = 'anthropic'\nmax_tokens = 8192\napi_key_env = 'ANTHROPIC_API_KEY'\n")
+
+    with override_settings(MESSAGING_MODELS_FILE=str(path)):
+        catalog.models.cache_clear()
+        claude = catalog.models()["claude"]
+    catalog.models.cache_clear()
+
+    assert (claude.provider, claude.max_tokens, claude.default_max_tokens) == ("anthropic", 8192, 1024)
+    assert claude.options["base_url"] == "https://api.anthropic.com"
+    assert claude.options["upstream_model"] == "claude"
+    assert claude.supports == frozenset({"temperature", "top_p", "top_k"})
+    assert type(catalog.provider_for(claude)).__name__ == "AnthropicProvider"
+
+
 @pytest.mark.parametrize(
     ("text", "problem"),
     [
@@ -88,7 +104,6 @@ def test_validation_knows_each_models_limit_and_what_it_ignores(models_file: Pat
         ("[models.x]\nprovider = 'openai'\nmax_tokens = 10\nbase_url = 'ftp://x'", "base_url must be an http(s) URL"),
         ("[models.echo]\nprovider = 'echo'\nmax_tokens = 10", "[models.echo] is already a model"),
         ("default = 'x'", "unknown top-level keys ['default']"),
-        ("[models.x]\nprovider = 'anthropic'\nmax_tokens = 10", "the anthropic provider is not available in this version"),
         ("[models.x]\nprovider = 'openai'\nmax_tokens = 10\nmax_tokens_field = 'tokens'", "max_tokens_field must be max_tokens or max_completion_tokens"),
     ],
 )

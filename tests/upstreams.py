@@ -272,3 +272,91 @@ def openai_upstream() -> Iterator[OpenAIUpstream]:
     upstream = OpenAIUpstream()
     yield upstream
     upstream.close()
+
+
+# --- Anthropic's Messages API ----------------------------------------------------------------
+#
+# `AnthropicUpstream` answers POST {base_url}/v1/messages the way Anthropic documents its
+# streaming Messages API: `Content-Type: text/event-stream`, each event as `event: <type>` plus
+# `data: {json}` (message_start, content_block_start/delta/stop, message_delta, message_stop,
+# `ping` in between, `error` for a failure in the middle), no `[DONE]`. Errors are JSON bodies
+# `{"type": "error", "error": {"type", "message"}}`. Scripted like `OpenAIUpstream`: a stream is a
+# list whose dicts are events (sent with their `type` as the event name) and whose other items
+# are the same misbehaving actions.
+
+ANTHROPIC_MESSAGE_ID = "msg_upstream_01"
+
+
+def anthropic_streamed(items: list[Any]) -> Reply:
+    return Reply(stream=[_anthropic_event(item) if isinstance(item, dict) else item for item in items])
+
+
+def _anthropic_event(event: dict[str, Any]) -> Raw:
+    return Raw(b"event: " + event["type"].encode() + b"\ndata: " + json.dumps(event).encode() + b"\n\n")
+
+
+def anthropic_start(input_tokens: int = 10, **usage: int) -> dict[str, Any]:
+    return {
+        "type": "message_start",
+        "message": {
+            "id": ANTHROPIC_MESSAGE_ID,
+            "type": "message",
+            "role": "assistant",
+            "model": SERVED_MODEL,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": input_tokens, "output_tokens": 1, **usage},
+        },
+    }
+
+
+def anthropic_block(index: int, block: dict[str, Any], *deltas: dict[str, Any]) -> list[dict[str, Any]]:
+    """A whole content block: its start, its deltas, its stop."""
+    return [
+        {"type": "content_block_start", "index": index, "content_block": block},
+        *({"type": "content_block_delta", "index": index, "delta": delta} for delta in deltas),
+        {"type": "content_block_stop", "index": index},
+    ]
+
+
+def anthropic_end(stop_reason: str = "end_turn", output_tokens: int = 3, stop_sequence: str | None = None) -> list[dict[str, Any]]:
+    return [
+        {"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence}, "usage": {"output_tokens": output_tokens}},
+        {"type": "message_stop"},
+    ]
+
+
+def anthropic_text_stream(*pieces: str, stop_reason: str = "end_turn", output_tokens: int = 3) -> list[Any]:
+    return [
+        anthropic_start(),
+        {"type": "ping"},
+        *anthropic_block(0, {"type": "text", "text": ""}, *({"type": "text_delta", "text": piece} for piece in pieces)),
+        *anthropic_end(stop_reason, output_tokens),
+    ]
+
+
+def anthropic_error_reply(status: int, message: str, *, error_type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> Reply:
+    body = {"type": "error", "error": {"type": error_type, "message": message}}
+    return Reply(status=status, headers={"Content-Type": "application/json", **(headers or {})}, body=json.dumps(body).encode())
+
+
+class AnthropicUpstream(OpenAIUpstream):
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_port}"
+
+    def next_reply(self, path: str) -> Reply:
+        if path != "/v1/messages":
+            return anthropic_error_reply(404, f"No route {path}", error_type="not_found_error")
+        with self.lock:
+            if self._replies:
+                return self._replies.popleft()
+        return anthropic_error_reply(500, "The test scripted no reply for this request.", error_type="api_error")
+
+
+@pytest.fixture
+def anthropic_upstream() -> Iterator[AnthropicUpstream]:
+    upstream = AnthropicUpstream()
+    yield upstream
+    upstream.close()

@@ -1,0 +1,390 @@
+"""The `anthropic` provider: Anthropic's Messages API with streaming (api.anthropic.com, or
+any server that speaks it: a gateway, a proxy, a compatible local server).
+
+Like the `openai` provider it talks plain HTTP through httpx and reads the event stream with
+httpx-sse rather than through the SDK, so that every attempt goes through our shared retry
+policy (retry.py), and it shares that provider's machinery (openai.py): the cancellation that
+shuts the socket down under a blocked reader (`_Connection`), key scrubbing, error-body
+reading. Those helpers are imported from openai.py rather than moved, to leave that module as
+it is; they are small enough to move to a shared module when a third provider wants them.
+
+A model's `options`: `base_url` (the API root, default "https://api.anthropic.com"; requests
+go to {base_url}/v1/messages), `upstream_model`, `api_key_env` (the NAME of the environment
+variable holding the key, sent as `x-api-key`; without it no key header is sent),
+`connect_timeout`, `read_timeout`, `max_attempts`, `retry_deadline`, `retry_base_delay`,
+`retry_max_delay`, as for `openai`.
+
+The request: our normalized request is already Anthropic's shape, so it goes nearly as it is:
+messages (text, image, tool_use, tool_result, thinking with its signature), tools,
+tool_choice, thinking, stop_sequences, the sampling fields the model `supports`. The system
+prompt goes as a string, or, when `system.citations.enabled` is set, as one text block with
+`citations: {enabled: true}` (the Messages API accepts `citations` on text blocks; whether it
+honours it on a system block depends on the model, and a 400 would say so). `metadata` is not
+sent: the contract says it is kept with the message only. `mcp_servers` are not sent either
+(Anthropic's MCP connector is a beta behind its own header).
+
+`response_format: {type: "json_schema"}` has no native field in API version 2023-06-01. It is
+emulated with a forced tool: a tool named `json_response` whose input schema is the requested
+schema, chosen by `tool_choice`, and whose input streams back to the client as a TEXT block
+(its `input_json_delta` fragments as `text_delta`s) ending with `end_turn`, so the answer looks
+the same as from a model with native JSON output. With thinking enabled a forced tool choice is
+refused by the API, so the tool is offered with `tool_choice: auto` instead (best effort).
+`response_format: {type: "tool_call"}` forces the named tool, or any tool.
+
+The events: Anthropic's own, passed through with the same shapes, except that `message_start`
+carries OUR message id and model id; `ping` is dropped. Failures are as in openai.py: before
+the answer, connection errors, timeouts, 429 (honouring Retry-After), 500/502/503/504 and 529
+are retried within `max_attempts` and `retry_deadline`, any other status fails at once with
+Anthropic's `error.message`. A stream cut in the middle (a reset, `read_timeout` of silence,
+the stream ending before `message_stop`, an `event: error` of type overloaded_error or
+api_error) restarts FROM SCRATCH with a new `message_start` within the same budget; any other
+in-stream error fails the message with what was produced kept, its open block closed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import httpx
+import orjson
+from httpx_sse import EventSource
+
+from messaging import catalog
+
+from .base import ModelSpec, Provider, ProviderError
+from .openai import (
+    DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_READ_TIMEOUT,
+    _api_key,
+    _capitalized,
+    _Connection,
+    _header_value,
+    _retry_after,
+    _StreamCut,
+    _Upstream,
+)
+from .retry import Attempts, RetryPolicy
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+ANTHROPIC_VERSION = "2023-06-01"
+JSON_TOOL = "json_response"
+# In-stream errors that another attempt may fix; the others are the request's own fault.
+_RESTARTING_ERRORS = frozenset({"overloaded_error", "api_error"})
+_KNOWN_ERROR_TYPES = frozenset(
+    {
+        "invalid_request_error", "authentication_error", "permission_error", "not_found_error",
+        "request_too_large", "rate_limit_error", "api_error", "overloaded_error", "billing_error", "timeout_error",
+    }
+)
+
+
+class AnthropicProvider(Provider):
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wait: Callable[[threading.Event, float], object] = threading.Event.wait,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        # `wait(cancelled, seconds)` is how a retry waits: cut short by a cancellation.
+        self._clock = clock
+        self._wait = wait
+        self._rand = rand
+        self._lock = threading.Lock()
+        self._client: httpx.Client | None = None
+        self._client_pid: int | None = None
+
+    def stream(
+        self, request: dict, spec: ModelSpec, *, message_id: str, cancelled: threading.Event | None = None
+    ) -> Iterator[dict]:
+        if cancelled is None:
+            cancelled = threading.Event()
+        connection = _Connection(cancelled)
+        try:
+            yield from self._stream(request, spec, message_id, cancelled, connection)
+        finally:
+            connection.stop()
+
+    def _stream(
+        self, request: dict, spec: ModelSpec, message_id: str, cancelled: threading.Event, connection: _Connection
+    ) -> Iterator[dict]:
+        options = spec.options
+        key = _api_key(spec)
+        upstream = _MessagesUpstream(options.get("base_url") or DEFAULT_BASE_URL, key)
+        headers = {
+            "Accept": "text/event-stream",
+            "Content-Type": "application/json",
+            "anthropic-version": ANTHROPIC_VERSION,
+        }
+        if key:
+            headers["x-api-key"] = key
+        if request.get("correlation_id"):
+            headers["X-Correlation-ID"] = _header_value(request["correlation_id"])
+        body = orjson.dumps(messages_body(request, spec))
+        timeout = httpx.Timeout(
+            connect=float(options.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
+            read=float(options.get("read_timeout", DEFAULT_READ_TIMEOUT)),
+            write=float(options.get("read_timeout", DEFAULT_READ_TIMEOUT)),
+            pool=float(options.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
+        )
+        attempts = Attempts(
+            RetryPolicy.from_options(options),
+            clock=self._clock,
+            sleep=lambda seconds: self._wait(cancelled, seconds),
+            rand=self._rand,
+        )
+        client = self._http()
+        extensions = {"trace": connection.trace}
+        json_tool = _emulates_json(request)
+
+        while not cancelled.is_set():
+            attempt = attempts.start()
+            relay: _Relay | None = None
+            retry_after: float | None = None
+            try:
+                with client.stream("POST", upstream.url, content=body, headers=headers, timeout=timeout, extensions=extensions) as response:
+                    if response.status_code != 200:
+                        error = upstream.status_error(response, attempt)
+                        retry_after = _retry_after(response)
+                        raise error
+                    content_type = response.headers.get("content-type", "").partition(";")[0].strip()
+                    if content_type != "text/event-stream":
+                        raise ProviderError(f"{upstream.host} answered with {content_type or 'no content type'} instead of an event stream.")
+                    relay = _Relay(spec, message_id, json_tool)
+                    for sse in EventSource(response).iter_sse():
+                        if sse.event == "ping" or not sse.data:
+                            continue
+                        yield from relay.event(_parse_event(sse.data, upstream))
+                        if relay.stopped:
+                            return
+                    yield from relay.finish()
+                    return
+            except ProviderError as error:
+                if cancelled.is_set():
+                    return
+                if relay is None and error.retryable:
+                    if attempts.wait_before_retry(retry_after):
+                        logger.warning("message %s: %s; trying again", message_id, error.message)
+                        continue
+                    raise
+                if relay is not None:
+                    yield from relay.abandon()
+                raise
+            except _StreamCut as cut:
+                problem, error_type = upstream.scrub(cut.message), cut.error_type
+            except httpx.TimeoutException as exc:
+                problem, error_type = f"{upstream.host} did not answer within its timeout ({type(exc).__name__})", "timeout_error"
+            except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
+                raise ProviderError(f"Cannot call {upstream.host}: {upstream.scrub(str(exc))}") from None
+            except httpx.RequestError as exc:
+                problem = f"the connection to {upstream.host} failed: {upstream.scrub(str(exc)) or type(exc).__name__}"
+                error_type = "api_error"
+            except Exception:
+                if cancelled.is_set():
+                    return  # whatever a connection shut down under its reader raised
+                raise
+
+            # A failure that another attempt may fix.
+            if cancelled.is_set():
+                return
+            if relay is not None and relay.stop_reason is not None:
+                # The answer was complete: only its end marker was lost.
+                yield from relay.finish()
+                return
+            if relay is not None and relay.started:
+                yield from relay.abandon()
+                problem = f"{problem}, after the model started answering"
+            if not attempts.wait_before_retry():
+                plural = "attempt" if attempt == 1 else "attempts"
+                raise ProviderError(f"{_capitalized(problem)} ({attempt} {plural}).", error_type=error_type, retryable=True)
+            logger.warning("message %s: %s (attempt %s); trying again", message_id, problem, attempt)
+
+    def _http(self) -> httpx.Client:
+        # As in openai.py: one client per process, no kept-alive connections, so that
+        # `_Connection` sees the socket it must shut down to interrupt a silent wait.
+        with self._lock:
+            if self._client is None or self._client_pid != os.getpid():
+                self._client = httpx.Client(follow_redirects=False, limits=httpx.Limits(max_keepalive_connections=0))
+                self._client_pid = os.getpid()
+            return self._client
+
+
+# --- the request -----------------------------------------------------------------------------
+
+
+def messages_body(request: Mapping[str, Any], spec: ModelSpec) -> dict[str, Any]:
+    """Our request as a streaming Messages API request body."""
+    body: dict[str, Any] = {
+        "model": spec.options.get("upstream_model") or spec.id,
+        "max_tokens": request.get("max_tokens") or spec.default_max_tokens,
+        "messages": [{"role": message["role"], "content": message["content"]} for message in request.get("messages") or ()],
+        "stream": True,
+    }
+    system = request.get("system")
+    prompt = system.get("prompt") if isinstance(system, Mapping) else system
+    if prompt:
+        citations = system.get("citations") if isinstance(system, Mapping) else None
+        if citations and citations.get("enabled"):
+            body["system"] = [{"type": "text", "text": prompt, "citations": {"enabled": True}}]
+        else:
+            body["system"] = prompt
+    # Only the sampling fields the model honours: the others drew a warning saying they are
+    # ignored, and the API answers 400 to fields it does not know (min_p, seed...).
+    for name in catalog.SAMPLING_FIELDS:
+        if request.get(name) is not None and name in spec.supports:
+            body[name] = request[name]
+    if request.get("stop_sequences"):
+        body["stop_sequences"] = list(request["stop_sequences"])
+    thinking = request.get("thinking")
+    if thinking:
+        body["thinking"] = dict(thinking)
+
+    tools = [dict(tool) for tool in request.get("tools") or ()]
+    tool_choice = dict(request["tool_choice"]) if request.get("tool_choice") else None
+    response_format = request.get("response_format") or {}
+    if response_format.get("type") == "tool_call" and tools and (tool_choice is None or tool_choice.get("type") == "auto"):
+        name = response_format.get("name")
+        forced: dict[str, Any] = {"type": "tool", "name": name} if name else {"type": "any"}
+        if tool_choice and "disable_parallel_tool_use" in tool_choice:
+            forced["disable_parallel_tool_use"] = tool_choice["disable_parallel_tool_use"]
+        tool_choice = forced
+    json_schema = _emulates_json(request)
+    if json_schema is not None:
+        tools.append(
+            {
+                "name": JSON_TOOL,
+                "description": "Give the answer: its input is the whole answer, as JSON matching the schema.",
+                "input_schema": json_schema,
+            }
+        )
+        thinking_on = bool(thinking) and thinking.get("type") == "enabled"
+        tool_choice = {"type": "auto"} if thinking_on else {"type": "tool", "name": JSON_TOOL}
+    if tools:
+        body["tools"] = tools
+        if tool_choice is not None:
+            body["tool_choice"] = tool_choice
+    elif tool_choice is not None and tool_choice.get("type") == "none":
+        body["tool_choice"] = tool_choice
+    return body
+
+
+def _emulates_json(request: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The schema of a json_schema response format, emulated with a forced tool; else None."""
+    response_format = request.get("response_format") or {}
+    if response_format.get("type") != "json_schema":
+        return None
+    schema = (response_format.get("json_schema") or {}).get("schema") or {}
+    # A tool's input is an object; a schema that names no type is taken as one (any other
+    # type draws the API's own 400, which names the problem).
+    return {"type": "object", **schema}
+
+
+# --- the response ----------------------------------------------------------------------------
+
+
+class _MessagesUpstream(_Upstream):
+    def __init__(self, base_url: str, key: str | None):
+        super().__init__(base_url, key)
+        self.url = base_url.rstrip("/") + "/v1/messages"
+
+
+def _parse_event(data: str, upstream: _Upstream) -> dict[str, Any]:
+    try:
+        event = json.loads(data)
+    except ValueError:
+        raise ProviderError(f"{upstream.host} sent a malformed event (not JSON).") from None
+    if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+        raise ProviderError(f"{upstream.host} sent a malformed event (not an object with a type).")
+    if event["type"] == "error":
+        error = event.get("error") if isinstance(event.get("error"), dict) else {}
+        kind = error.get("type") if isinstance(error.get("type"), str) else "api_error"
+        message = upstream.scrub(str(error.get("message") or kind))
+        text = f"{upstream.host} reported an error in the stream: {message}"
+        if kind in _RESTARTING_ERRORS:
+            raise _StreamCut(text, error_type=kind)
+        raise ProviderError(text, error_type=kind if kind in _KNOWN_ERROR_TYPES else "api_error")
+    return event
+
+
+class _Relay:
+    """One attempt's upstream events, passed on with our ids, and what they have said so far."""
+
+    def __init__(self, spec: ModelSpec, message_id: str, json_tool: dict[str, Any] | None):
+        self.spec = spec
+        self.message_id = message_id
+        self.emulating_json = json_tool is not None
+        self.started = False
+        self.open: int | None = None  # the index of the open content block
+        self.json_blocks: set[int] = set()
+        self.stop_reason: str | None = None
+        self.stopped = False
+
+    def event(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        try:
+            return self._event(event)
+        except (AttributeError, TypeError, KeyError):
+            raise ProviderError("The model server sent a malformed event.") from None
+
+    def _event(self, event: dict[str, Any]) -> list[dict[str, Any]]:
+        kind = event["type"]
+        if kind == "message_start":
+            if self.started:
+                raise ProviderError("The model server started a second message in one stream.")
+            self.started = True
+            message = dict(event["message"])
+            message.update(id=self.message_id, model=self.spec.id, content=[])
+            return [{"type": "message_start", "message": message}]
+        if not self.started:
+            raise ProviderError(f"The model server sent {kind} before message_start.")
+        if kind == "content_block_start":
+            block = event["content_block"]
+            self.open = event["index"]
+            if self.emulating_json and block.get("type") == "tool_use" and block.get("name") == JSON_TOOL:
+                self.json_blocks.add(event["index"])
+                return [{"type": "content_block_start", "index": event["index"], "content_block": {"type": "text", "text": ""}}]
+            return [event]
+        if kind == "content_block_delta":
+            delta = event["delta"]
+            if event["index"] in self.json_blocks:
+                if delta.get("type") != "input_json_delta" or not delta.get("partial_json"):
+                    return []
+                return [{"type": "content_block_delta", "index": event["index"], "delta": {"type": "text_delta", "text": delta["partial_json"]}}]
+            return [event]
+        if kind == "content_block_stop":
+            self.open = None
+            return [event]
+        if kind == "message_delta":
+            delta = dict(event.get("delta") or {})
+            if delta.get("stop_reason"):
+                self.stop_reason = delta["stop_reason"]
+                if self.json_blocks and delta["stop_reason"] == "tool_use":
+                    delta["stop_reason"] = "end_turn"
+            return [{**event, "delta": delta}]
+        if kind == "message_stop":
+            self.stopped = True
+            return [{"type": "message_stop"}]
+        return []  # event types newer than this module: nothing a client of ours could read
+
+    def finish(self) -> list[dict[str, Any]]:
+        """The end of a stream that stopped without `message_stop`."""
+        if self.stop_reason is None:
+            raise _StreamCut("the stream ended before the model finished")
+        events = self.abandon()
+        self.stopped = True
+        return [*events, {"type": "message_stop"}]
+
+    def abandon(self) -> list[dict[str, Any]]:
+        """Close the open block of an attempt that ends here."""
+        if self.open is None:
+            return []
+        index, self.open = self.open, None
+        return [{"type": "content_block_stop", "index": index}]
