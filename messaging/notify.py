@@ -10,7 +10,7 @@ look again. Whoever writes events calls `publish()` inside the writing transacti
 
 Each web process runs one `Hub` on its event loop: one LISTEN connection or one Redis
 subscription (SQLite: one short poll over the watched messages), fanned out in memory to every
-stream that waits. An idle stream holds an asyncio.Event, not a thread or a connection.
+stream that waits. An idle stream holds an asyncio.Event, not a database connection.
 """
 
 from __future__ import annotations
