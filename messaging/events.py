@@ -141,7 +141,10 @@ class EventRecorder:
         """Flush when due, and at least every check interval renew the lease and look for a
         cancellation (both done by the fenced write, with or without events)."""
         elapsed = time.monotonic() - self._last_write
-        if self.token_deltas and self._buffer and elapsed >= self._flush_interval:
+        # A block's start carries no content and its first delta follows at once: writing it
+        # alone would make that first token wait a whole flush interval (bench_ttft: ~60 ms).
+        waiting_for_content = self._buffer and self._buffer[-1]["type"] == "content_block_start"
+        if self.token_deltas and self._buffer and elapsed >= self._flush_interval and not waiting_for_content:
             self.flush()
         elif elapsed >= self._check_interval:
             self.flush(heartbeat_only=not self.token_deltas)
