@@ -247,7 +247,7 @@ Q_CLUSTER = {
     "catch_up": False,
     # ORM broker: how long an idle cluster sleeps between looks at the queue. Shorter starts
     # messages sooner (bench_ttft) at the cost of more idle queries.
-    "poll": env_float("MESSAGING_QUEUE_POLL", 0.1, minimum=0.005),
+    "poll": env_float("MESSAGING_QUEUE_POLL", 0.02, minimum=0.005),
     "label": "Django Q2",
 }
 if REDIS_URL:
