@@ -54,20 +54,18 @@ from typing import Any
 
 import httpx
 import orjson
-from httpx_sse import EventSource
+from httpx_sse import ServerSentEvent
 
 from messaging import catalog
 
 from .base import ModelSpec, Provider, ProviderError
 from .openai import (
-    DEFAULT_CONNECT_TIMEOUT,
-    DEFAULT_READ_TIMEOUT,
     _api_key,
-    _capitalized,
     _Connection,
     _header_value,
-    _retry_after,
+    _stream_with_retries,
     _StreamCut,
+    _timeout,
     _Upstream,
 )
 from .retry import Attempts, RetryPolicy
@@ -130,12 +128,7 @@ class AnthropicProvider(Provider):
         if request.get("correlation_id"):
             headers["X-Correlation-ID"] = _header_value(request["correlation_id"])
         body = orjson.dumps(messages_body(request, spec))
-        timeout = httpx.Timeout(
-            connect=float(options.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
-            read=float(options.get("read_timeout", DEFAULT_READ_TIMEOUT)),
-            write=float(options.get("read_timeout", DEFAULT_READ_TIMEOUT)),
-            pool=float(options.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
-        )
+        timeout = _timeout(options)
         attempts = Attempts(
             RetryPolicy.from_options(options),
             clock=self._clock,
@@ -146,67 +139,11 @@ class AnthropicProvider(Provider):
         extensions = {"trace": connection.trace}
         json_tool = _emulates_json(request)
 
-        while not cancelled.is_set():
-            attempt = attempts.start()
-            relay: _Relay | None = None
-            retry_after: float | None = None
-            try:
-                with client.stream("POST", upstream.url, content=body, headers=headers, timeout=timeout, extensions=extensions) as response:
-                    if response.status_code != 200:
-                        error = upstream.status_error(response, attempt)
-                        retry_after = _retry_after(response)
-                        raise error
-                    content_type = response.headers.get("content-type", "").partition(";")[0].strip()
-                    if content_type != "text/event-stream":
-                        raise ProviderError(f"{upstream.host} answered with {content_type or 'no content type'} instead of an event stream.")
-                    relay = _Relay(spec, message_id, json_tool)
-                    for sse in EventSource(response).iter_sse():
-                        if sse.event == "ping" or not sse.data:
-                            continue
-                        yield from relay.event(_parse_event(sse.data, upstream))
-                        if relay.stopped:
-                            return
-                    yield from relay.finish()
-                    return
-            except ProviderError as error:
-                if cancelled.is_set():
-                    return
-                if relay is None and error.retryable:
-                    if attempts.wait_before_retry(retry_after):
-                        logger.warning("message %s: %s; trying again", message_id, error.message)
-                        continue
-                    raise
-                if relay is not None:
-                    yield from relay.abandon()
-                raise
-            except _StreamCut as cut:
-                problem, error_type = upstream.scrub(cut.message), cut.error_type
-            except httpx.TimeoutException as exc:
-                problem, error_type = f"{upstream.host} did not answer within its timeout ({type(exc).__name__})", "timeout_error"
-            except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
-                raise ProviderError(f"Cannot call {upstream.host}: {upstream.scrub(str(exc))}") from None
-            except httpx.RequestError as exc:
-                problem = f"the connection to {upstream.host} failed: {upstream.scrub(str(exc)) or type(exc).__name__}"
-                error_type = "api_error"
-            except Exception:
-                if cancelled.is_set():
-                    return  # whatever a connection shut down under its reader raised
-                raise
-
-            # A failure that another attempt may fix.
-            if cancelled.is_set():
-                return
-            if relay is not None and relay.stop_reason is not None:
-                # The answer was complete: only its end marker was lost.
-                yield from relay.finish()
-                return
-            if relay is not None and relay.started:
-                yield from relay.abandon()
-                problem = f"{problem}, after the model started answering"
-            if not attempts.wait_before_retry():
-                plural = "attempt" if attempt == 1 else "attempts"
-                raise ProviderError(f"{_capitalized(problem)} ({attempt} {plural}).", error_type=error_type, retryable=True)
-            logger.warning("message %s: %s (attempt %s); trying again", message_id, problem, attempt)
+        yield from _stream_with_retries(
+            client=client, upstream=upstream, body=body, headers=headers, timeout=timeout, extensions=extensions,
+            attempts=attempts, cancelled=cancelled, message_id=message_id,
+            new_answer=lambda: _Relay(spec, message_id, json_tool),
+        )
 
     def _http(self) -> httpx.Client:
         # As in openai.py: one client per process, no kept-alive connections, so that
@@ -328,6 +265,23 @@ class _Relay:
         self.stop_reason: str | None = None
         self.stopped = False
 
+    # `_Answer` (the shared attempt loop in openai.py)
+    @property
+    def ended(self) -> bool:
+        return self.stopped
+
+    @property
+    def complete(self) -> bool:
+        return self.stop_reason is not None
+
+    def begin(self) -> list[dict[str, Any]]:
+        return []  # the upstream sends its own message_start
+
+    def feed(self, sse: ServerSentEvent, upstream: _Upstream) -> list[dict[str, Any]]:
+        if sse.event == "ping" or not sse.data:
+            return []
+        return self.event(_parse_event(sse.data, upstream))
+
     def event(self, event: dict[str, Any]) -> list[dict[str, Any]]:
         try:
             return self._event(event)
@@ -375,7 +329,9 @@ class _Relay:
         return []  # event types newer than this module: nothing a client of ours could read
 
     def finish(self) -> list[dict[str, Any]]:
-        """The end of a stream that stopped without `message_stop`."""
+        """The end of a stream: nothing more after `message_stop`; without it, close the answer."""
+        if self.stopped:
+            return []
         if self.stop_reason is None:
             raise _StreamCut("the stream ended before the model finished")
         events = self.abandon()

@@ -53,12 +53,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urlsplit
 
 import httpx
 import orjson
-from httpx_sse import EventSource
+from httpx_sse import EventSource, ServerSentEvent
 
 from messaging import catalog
 
@@ -133,12 +133,7 @@ class OpenAIProvider(Provider):
         if request.get("correlation_id"):
             headers["X-Correlation-ID"] = _header_value(request["correlation_id"])
         body = orjson.dumps(chat_completions_body(request, spec))
-        timeout = httpx.Timeout(
-            connect=float(options.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
-            read=float(options.get("read_timeout", DEFAULT_READ_TIMEOUT)),
-            write=float(options.get("read_timeout", DEFAULT_READ_TIMEOUT)),
-            pool=float(options.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
-        )
+        timeout = _timeout(options)
         attempts = Attempts(
             RetryPolicy.from_options(options),
             clock=self._clock,
@@ -148,69 +143,11 @@ class OpenAIProvider(Provider):
         client = self._http()
         extensions = {"trace": connection.trace}
 
-        while not cancelled.is_set():
-            attempt = attempts.start()
-            translation: _Translation | None = None
-            retry_after: float | None = None
-            try:
-                with client.stream("POST", upstream.url, content=body, headers=headers, timeout=timeout, extensions=extensions) as response:
-                    if response.status_code != 200:
-                        error = upstream.status_error(response, attempt)
-                        retry_after = _retry_after(response)
-                        raise error
-                    content_type = response.headers.get("content-type", "").partition(";")[0].strip()
-                    if content_type != "text/event-stream":
-                        raise ProviderError(f"{upstream.host} answered with {content_type or 'no content type'} instead of an event stream.")
-                    translation = _Translation(request, spec, message_id)
-                    yield translation.start()
-                    for sse in EventSource(response).iter_sse():
-                        if sse.data == "[DONE]":
-                            break
-                        if sse.data and sse.event in ("", "message"):
-                            yield from translation.chunk(_parse_chunk(sse.data, upstream))
-                    yield from translation.finish()
-                    return
-            except ProviderError as error:
-                if cancelled.is_set():
-                    return
-                if translation is None and error.retryable:
-                    # An error status: the response is closed before the wait.
-                    if attempts.wait_before_retry(retry_after):
-                        logger.warning("message %s: %s; trying again", message_id, error.message)
-                        continue
-                    raise
-                # A malformed or failed stream: keep what was produced, with its blocks closed.
-                if translation is not None:
-                    yield from translation.abandon()
-                raise
-            except _StreamCut as cut:
-                problem, error_type = upstream.scrub(cut.message), cut.error_type
-            except httpx.TimeoutException as exc:
-                problem, error_type = f"{upstream.host} did not answer within its timeout ({type(exc).__name__})", "timeout_error"
-            except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
-                raise ProviderError(f"Cannot call {upstream.host}: {upstream.scrub(str(exc))}") from None
-            except httpx.RequestError as exc:
-                problem = f"the connection to {upstream.host} failed: {upstream.scrub(str(exc)) or type(exc).__name__}"
-                error_type = "api_error"
-            except Exception:
-                if cancelled.is_set():
-                    return  # whatever a connection shut down under its reader raised
-                raise
-
-            # A failure that another attempt may fix.
-            if cancelled.is_set():
-                return
-            if translation is not None and translation.finish_reason is not None:
-                # The answer was complete: only its usage or the end marker were lost.
-                yield from translation.finish()
-                return
-            if translation is not None:
-                yield from translation.abandon()
-                problem = f"{problem}, after the model started answering"
-            if not attempts.wait_before_retry():
-                plural = "attempt" if attempt == 1 else "attempts"
-                raise ProviderError(f"{_capitalized(problem)} ({attempt} {plural}).", error_type=error_type, retryable=True)
-            logger.warning("message %s: %s (attempt %s); trying again", message_id, problem, attempt)
+        yield from _stream_with_retries(
+            client=client, upstream=upstream, body=body, headers=headers, timeout=timeout, extensions=extensions,
+            attempts=attempts, cancelled=cancelled, message_id=message_id,
+            new_answer=lambda: _Translation(request, spec, message_id),
+        )
 
     def _http(self) -> httpx.Client:
         # One client per process (a forked worker must not share its parent's sockets), and no
@@ -550,6 +487,109 @@ def _parse_chunk(data: str, upstream: _Upstream) -> dict[str, Any]:
     return chunk
 
 
+def _timeout(options: Mapping[str, Any]) -> httpx.Timeout:
+    return httpx.Timeout(
+        connect=float(options.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
+        read=float(options.get("read_timeout", DEFAULT_READ_TIMEOUT)),
+        write=float(options.get("read_timeout", DEFAULT_READ_TIMEOUT)),
+        pool=float(options.get("connect_timeout", DEFAULT_CONNECT_TIMEOUT)),
+    )
+
+
+class _Answer(Protocol):
+    """How one attempt reads a provider's event stream (`_Translation`, anthropic's `_Relay`)."""
+
+    started: bool  # it has sent message_start: a failure from here on restarts the answer
+    ended: bool  # the stream's own end marker has been read
+
+    @property
+    def complete(self) -> bool: ...  # the model said why it stopped: only the tail can be lost
+
+    def begin(self) -> list[dict[str, Any]]: ...
+    def feed(self, sse: ServerSentEvent, upstream: _Upstream) -> list[dict[str, Any]]: ...
+    def finish(self) -> list[dict[str, Any]]: ...
+    def abandon(self) -> list[dict[str, Any]]: ...
+
+
+def _stream_with_retries(
+    *,
+    client: httpx.Client,
+    upstream: _Upstream,
+    body: bytes,
+    headers: dict[str, str],
+    timeout: httpx.Timeout,
+    extensions: dict[str, Any],
+    attempts: Attempts,
+    cancelled: threading.Event,
+    message_id: str,
+    new_answer: Callable[[], _Answer],
+) -> Iterator[dict]:
+    """Both real providers' attempts: call, read the event stream through a fresh `_Answer`,
+    and on a failure another attempt may fix, wait and start over (see the module docstring)."""
+    while not cancelled.is_set():
+        attempt = attempts.start()
+        answer: _Answer | None = None
+        retry_after: float | None = None
+        try:
+            with client.stream("POST", upstream.url, content=body, headers=headers, timeout=timeout, extensions=extensions) as response:
+                if response.status_code != 200:
+                    error = upstream.status_error(response, attempt)
+                    retry_after = _retry_after(response)
+                    raise error
+                content_type = response.headers.get("content-type", "").partition(";")[0].strip()
+                if content_type != "text/event-stream":
+                    raise ProviderError(f"{upstream.host} answered with {content_type or 'no content type'} instead of an event stream.")
+                answer = new_answer()
+                yield from answer.begin()
+                for sse in EventSource(response).iter_sse():
+                    yield from answer.feed(sse, upstream)
+                    if answer.ended:
+                        break
+                yield from answer.finish()
+                return
+        except ProviderError as error:
+            if cancelled.is_set():
+                return
+            if answer is None and error.retryable:
+                # An error status: the response is closed before the wait.
+                if attempts.wait_before_retry(retry_after):
+                    logger.warning("message %s: %s; trying again", message_id, error.message)
+                    continue
+                raise
+            # A malformed or failed stream: keep what was produced, with its blocks closed.
+            if answer is not None:
+                yield from answer.abandon()
+            raise
+        except _StreamCut as cut:
+            problem, error_type = upstream.scrub(cut.message), cut.error_type
+        except httpx.TimeoutException as exc:
+            problem, error_type = f"{upstream.host} did not answer within its timeout ({type(exc).__name__})", "timeout_error"
+        except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
+            raise ProviderError(f"Cannot call {upstream.host}: {upstream.scrub(str(exc))}") from None
+        except httpx.RequestError as exc:
+            problem = f"the connection to {upstream.host} failed: {upstream.scrub(str(exc)) or type(exc).__name__}"
+            error_type = "api_error"
+        except Exception:
+            if cancelled.is_set():
+                return  # whatever a connection shut down under its reader raised
+            raise
+
+        # A failure that another attempt may fix.
+        if cancelled.is_set():
+            return
+        if answer is not None and answer.complete:
+            # The answer was complete: only its usage or the end marker were lost.
+            yield from answer.finish()
+            return
+        if answer is not None and answer.started:
+            yield from answer.abandon()
+            problem = f"{problem}, after the model started answering"
+        if not attempts.wait_before_retry():
+            plural = "attempt" if attempt == 1 else "attempts"
+            raise ProviderError(f"{_capitalized(problem)} ({attempt} {plural}).", error_type=error_type, retryable=True)
+        logger.warning("message %s: %s (attempt %s); trying again", message_id, problem, attempt)
+
+
 class _Translation:
     """One attempt's Chat Completions chunks as Anthropic-shaped events."""
 
@@ -566,6 +606,25 @@ class _Translation:
         self.refused = False
         self.usage: dict[str, Any] = {}
         self.deltas = 0
+
+    # `_Answer`: message_start goes out as soon as an attempt reads a stream.
+    started = True
+    ended = False
+
+    @property
+    def complete(self) -> bool:
+        return self.finish_reason is not None
+
+    def begin(self) -> list[dict[str, Any]]:
+        return [self.start()]
+
+    def feed(self, sse: ServerSentEvent, upstream: _Upstream) -> list[dict[str, Any]]:
+        if sse.data == "[DONE]":
+            self.ended = True
+            return []
+        if sse.data and sse.event in ("", "message"):
+            return self.chunk(_parse_chunk(sse.data, upstream))
+        return []
 
     def start(self) -> dict[str, Any]:
         return {
