@@ -20,66 +20,91 @@ class MessageBuilder:
     """Applies Anthropic-shaped stream events to a message object, as the SDKs do.
 
     A second `message_start` (a message taken up again after its worker died) starts over.
+    Streamed text is kept as a list of pieces and joined when the message is read: adding
+    each delta to a growing string would copy it every time (quadratic: a million characters
+    in 4-character deltas took 27 s).
     """
+
+    _TEXT_FIELDS = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
 
     def __init__(self) -> None:
         self.message: dict[str, Any] | None = None
-        self._partial_json: dict[int, str] = {}
+        # (block index, field) -> the pieces streamed so far, for text, thinking and tool input.
+        self._pieces: dict[tuple[int, str], list[str]] = {}
+        self._stopped: set[int] = set()
+        self._ended = False
 
     def apply(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
         if kind == "message_start":
             self.message = copy.deepcopy(event["message"])
-            self._partial_json = {}
+            self._pieces = {}
+            self._stopped = set()
+            self._ended = False
             return
         if self.message is None:
             return
         content = self.message["content"]
         if kind == "content_block_start":
-            block = copy.deepcopy(event["content_block"])
-            if block.get("type") == "tool_use":
-                self._partial_json[event["index"]] = ""
-            content.append(block)
+            content.append(copy.deepcopy(event["content_block"]))
         elif kind == "content_block_delta":
-            block, delta = content[event["index"]], event["delta"]
+            index, delta = event["index"], event["delta"]
             delta_type = delta.get("type")
-            if delta_type == "text_delta":
-                block["text"] = block.get("text", "") + delta["text"]
-            elif delta_type == "thinking_delta":
-                block["thinking"] = block.get("thinking", "") + delta["thinking"]
+            field = self._TEXT_FIELDS.get(delta_type)
+            if field is not None:
+                self._pieces.setdefault((index, field), []).append(delta[field])
             elif delta_type == "signature_delta":
-                block["signature"] = delta["signature"]
-            elif delta_type == "input_json_delta":
-                self._partial_json[event["index"]] = self._partial_json.get(event["index"], "") + delta["partial_json"]
+                content[index]["signature"] = delta["signature"]
             elif delta_type == "citations_delta":
-                block.setdefault("citations", []).append(delta["citation"])
+                content[index].setdefault("citations", []).append(delta["citation"])
         elif kind == "content_block_stop":
-            self._finish_tool_input(event["index"])
+            self._stopped.add(event["index"])
         elif kind == "message_delta":
+            self._ended = True
             self.message.update(event.get("delta") or {})
             usage = event.get("usage") or {}
             self.message.setdefault("usage", {}).update({k: v for k, v in usage.items() if v is not None})
 
-    def _finish_tool_input(self, index: int) -> None:
-        if index not in self._partial_json or self.message is None:
-            return
-        raw = self._partial_json.pop(index)
-        try:
-            self.message["content"][index]["input"] = json.loads(raw) if raw else {}
-        except ValueError:
-            self.message["content"][index]["input"] = {"_unparsed": raw}
-
     def result(self) -> dict[str, Any] | None:
-        """The message so far; tool inputs still streaming are parsed as far as they go."""
+        """The message so far; tool inputs still streaming are parsed as far as they go.
+
+        A message cut short (cancelled, timed out) never got the final `message_delta` that
+        reports its output usage: its `output_tokens` is estimated from what it produced.
+        """
         if self.message is None:
             return None
-        for index in list(self._partial_json):
-            raw = self._partial_json[index]
-            try:
-                self.message["content"][index]["input"] = json.loads(raw) if raw else {}
-            except ValueError:
-                pass
-        return copy.deepcopy(self.message)
+        message = copy.deepcopy(self.message)
+        content = message["content"]
+        for (index, field), pieces in self._pieces.items():
+            block = content[index]
+            if field == "partial_json":
+                block["input"] = _tool_input("".join(pieces), finished=index in self._stopped)
+            else:
+                block[field] = block.get(field, "") + "".join(pieces)
+        if not self._ended:
+            usage = message.setdefault("usage", {})
+            usage["output_tokens"] = max(usage.get("output_tokens") or 0, estimate_output_tokens(content))
+        return message
+
+
+def _tool_input(raw: str, *, finished: bool) -> Any:
+    """A tool call's streamed JSON arguments. Unparseable ones are kept as `_unparsed` once the
+    block has stopped; before that they are still arriving, and stay `{}` until they parse."""
+    try:
+        return json.loads(raw) if raw else {}
+    except ValueError:
+        return {"_unparsed": raw} if finished else {}
+
+
+def estimate_output_tokens(content: list[dict[str, Any]]) -> int:
+    """About one token per 4 characters of text, thinking and tool input, like echo's estimate
+    of input tokens."""
+    chars = 0
+    for block in content:
+        chars += len(block.get("text") or "") + len(block.get("thinking") or "")
+        if "input" in block:
+            chars += len(json.dumps(block["input"]))
+    return -(-chars // 4)
 
 
 def build_result(events: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -101,6 +126,10 @@ def _mergeable(previous: dict[str, Any], event: dict[str, Any]) -> bool:
 _DELTA_FIELD = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
 
 
+class ResultTooLarge(Exception):
+    """The model's answer grew past MESSAGING_MAX_RESULT_CHARS characters."""
+
+
 class EventRecorder:
     """What a worker writes through while it runs a message.
 
@@ -109,8 +138,9 @@ class EventRecorder:
     write renews the lease, so a live worker's message is never taken over.
 
     `stream: true` records every token delta, flushed in batches at most
-    MESSAGING_FLUSH_INTERVAL apart. `stream: false` records the start and the final message:
-    deltas are merged into one per block and written at the end.
+    MESSAGING_FLUSH_INTERVAL apart. `stream: false` records the start, then deltas merged into
+    one per block at most every MESSAGING_CHECK_INTERVAL (riding on the write that renews the
+    lease), and the end.
     """
 
     def __init__(self, job_pk: int, attempt: int, *, token_deltas: bool):
@@ -123,8 +153,21 @@ class EventRecorder:
         self._last_write = now
         self._flush_interval = settings.MESSAGING_FLUSH_INTERVAL
         self._check_interval = settings.MESSAGING_CHECK_INTERVAL
+        self._max_chars = settings.MESSAGING_MAX_RESULT_CHARS
+        self._chars = 0
 
     def add(self, event: dict[str, Any]) -> None:
+        if event["type"] == "message_start":
+            self._chars = 0  # a retried attempt starts its message over
+        elif event["type"] == "content_block_delta":
+            delta = event["delta"]
+            self._chars += len(delta.get(_DELTA_FIELD.get(delta.get("type"), ""), "") or "")
+            # Checked before the event is kept, so what is stored stays within the limit.
+            if self._chars > self._max_chars:
+                raise ResultTooLarge(
+                    f"The model's answer grew past {self._max_chars} characters "
+                    "(MESSAGING_MAX_RESULT_CHARS); it was stopped there."
+                )
         self.builder.apply(event)
         if not self.token_deltas and self._buffer and _mergeable(self._buffer[-1], event):
             previous = self._buffer[-1]
@@ -147,11 +190,12 @@ class EventRecorder:
         if self.token_deltas and self._buffer and elapsed >= self._flush_interval and not waiting_for_content:
             self.flush()
         elif elapsed >= self._check_interval:
-            self.flush(heartbeat_only=not self.token_deltas)
+            # The check's write is made anyway; with `stream: false` it also carries what the
+            # model wrote since the last one (merged), so a message cancelled or cut short
+            # keeps it: a stopped message's result is what its recorded events add up to.
+            self.flush()
 
-    def flush(self, *, heartbeat_only: bool = False) -> None:
-        events = [] if heartbeat_only else self._buffer
-        jobs.append_events(self.job_pk, self.attempt, events)
-        if not heartbeat_only:
-            self._buffer = []
+    def flush(self) -> None:
+        jobs.append_events(self.job_pk, self.attempt, self._buffer)
+        self._buffer = []
         self._last_write = time.monotonic()

@@ -240,13 +240,6 @@ def fail(job: MessageJob, attempt: int | None, status: str, error: dict[str, str
     )
 
 
-def keep_partial_result(job: MessageJob, attempt: int, result: dict[str, Any] | None) -> None:
-    """A cancelled message keeps what its worker produced, including what it had not yet
-    flushed (with `stream: false` that is everything after message_start)."""
-    if result is not None:
-        MessageJob.objects.filter(pk=job.pk, status=Status.CANCELLED, attempts=attempt).update(result=result)
-
-
 # --- Cancelling ---------------------------------------------------------------------------------
 
 

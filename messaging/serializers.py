@@ -910,9 +910,10 @@ class ErrorInfoSerializer(serializers.Serializer):
     message = serializers.CharField()
 
 
-class MessageStateSerializer(serializers.Serializer):
-    """GET /v1/messages/{message_id}. Built by hand in `message_state()` for speed; this class
-    documents the shape for OpenAPI."""
+class MessageListItemSerializer(serializers.Serializer):
+    """An item of GET /v1/messages: a message's state without its `result`, so a page of a
+    hundred messages stays small whatever they produced; GET /v1/messages/{message_id} has it.
+    Built by hand in `message_state()` for speed; this class documents the shape for OpenAPI."""
 
     message_id = serializers.CharField()
     status = serializers.ChoiceField(choices=Status.choices)
@@ -923,12 +924,17 @@ class MessageStateSerializer(serializers.Serializer):
     started_at = serializers.DateTimeField(allow_null=True)
     finished_at = serializers.DateTimeField(allow_null=True)
     attempts = serializers.IntegerField()
-    result = ResultSerializer(allow_null=True)
     error = ErrorInfoSerializer(allow_null=True)
 
 
-def message_state(job: MessageJob) -> dict[str, Any]:
-    return {
+class MessageStateSerializer(MessageListItemSerializer):
+    """GET /v1/messages/{message_id}."""
+
+    result = ResultSerializer(allow_null=True)
+
+
+def message_state(job: MessageJob, *, with_result: bool = True) -> dict[str, Any]:
+    state = {
         "message_id": job.message_id,
         "status": job.status,
         "model": job.model,
@@ -938,9 +944,11 @@ def message_state(job: MessageJob) -> dict[str, Any]:
         "started_at": job.started_at,
         "finished_at": job.finished_at,
         "attempts": job.attempts,
-        "result": job.result,
         "error": job.error,
     }
+    if with_result:
+        state["result"] = job.result
+    return state
 
 
 class AcceptedSerializer(serializers.Serializer):
@@ -971,7 +979,7 @@ class ValidationResultSerializer(serializers.Serializer):
 
 
 class MessageListSerializer(serializers.Serializer):
-    data = MessageStateSerializer(many=True)
+    data = MessageListItemSerializer(many=True)
     has_more = serializers.BooleanField()
     first_id = serializers.CharField(allow_null=True)
     last_id = serializers.CharField(allow_null=True)

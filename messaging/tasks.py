@@ -25,7 +25,7 @@ from django_q.tasks import async_task
 from jsonschema import Draft202012Validator
 
 from messaging import catalog, jobs, worker
-from messaging.events import EventRecorder
+from messaging.events import EventRecorder, ResultTooLarge
 from messaging.models import MessageJob, Status
 from messaging.providers.base import ProviderError
 from messaging.serializers import merge_secrets
@@ -102,12 +102,14 @@ def run(job: MessageJob) -> None:
         else:
             jobs.complete(job, attempt, result)
     except jobs.Superseded:
-        jobs.keep_partial_result(job, attempt, recorder.builder.result())
+        pass  # cancelled or taken over: whoever did that wrote the message's final state
     except MessageTimeout:
         _end_with(job, attempt, recorder, Status.FAILED, "timeout_error",
                   f"The message ran longer than {settings.MESSAGING_JOB_TIMEOUT} seconds.")
     except ProviderError as exc:
         _end_with(job, attempt, recorder, Status.FAILED, exc.error_type, str(exc))
+    except ResultTooLarge as exc:
+        _end_with(job, attempt, recorder, Status.FAILED, "invalid_output_error", str(exc))
     except Exception:
         logger.exception("message %s failed in the service", job.message_id)
         _end_with(job, attempt, recorder, Status.ERROR, "api_error", "The service failed while running this message.")
@@ -155,8 +157,8 @@ def _end_with(job: MessageJob, attempt: int, recorder: EventRecorder, status: st
     try:
         recorder.flush()  # what the model produced before the failure stays visible
     except jobs.Superseded:
-        jobs.keep_partial_result(job, attempt, recorder.builder.result())
         return
+    # Everything is recorded now, so the result is what the events add up to.
     jobs.fail(job, attempt, status, {"type": error_type, "message": message}, recorder.builder.result())
 
 

@@ -222,6 +222,9 @@ MESSAGING_MODELS_FILE = env_str("MESSAGING_MODELS_FILE", "")
 MESSAGING_MAX_BODY_BYTES = env_int("MESSAGING_MAX_BODY_BYTES", 4 * 1024 * 1024, minimum=1024)
 # Free-form JSON (tool inputs, schemas, tool_context) nested deeper than this is refused.
 MESSAGING_MAX_JSON_DEPTH = env_int("MESSAGING_MAX_JSON_DEPTH", 64, minimum=4)
+# A model's answer (text, thinking, tool input) longer than this fails the message: a bound
+# on what one message can store, above any model's output limit today (~128k tokens).
+MESSAGING_MAX_RESULT_CHARS = env_int("MESSAGING_MAX_RESULT_CHARS", 1_000_000, minimum=1000)
 
 DATA_UPLOAD_MAX_MEMORY_SIZE = MESSAGING_MAX_BODY_BYTES
 

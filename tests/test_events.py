@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 from django.conf import settings
 from rest_framework.test import APIClient
 
-from messaging import jobs
-from messaging.events import EventRecorder
-from messaging.models import MessageEvent
+from messaging import jobs, tasks
+from messaging.events import EventRecorder, ResultTooLarge
+from messaging.models import MessageEvent, MessageJob
 from tests.test_messages import submit
 
 START = {"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant", "model": "echo",
@@ -70,3 +73,47 @@ def test_deltas_that_come_quickly_are_batched(alice: APIClient) -> None:
     recorder.flush()
 
     assert written(recorder.job_pk).count("content_block_delta") == 3
+
+
+def test_without_token_deltas_what_was_written_is_recorded_merged_at_each_check(alice: APIClient) -> None:
+    recorder = recorder_for(alice, token_deltas=False)
+    recorder.add(START)
+    recorder.add(BLOCK)
+    recorder.add(delta("Hello"))
+    recorder.add(delta(" there"))
+    assert written(recorder.job_pk) == ["message_start"]  # merged and held between checks
+
+    recorder._last_write -= settings.MESSAGING_CHECK_INTERVAL  # time injected: a check is due
+    recorder.add(delta(","))
+
+    assert written(recorder.job_pk) == ["message_start", "content_block_start", "content_block_delta"]
+    text = MessageEvent.objects.get(job_id=recorder.job_pk, type="content_block_delta").data["delta"]["text"]
+    assert text == "Hello there,"
+
+
+def test_an_answer_past_the_result_limit_is_stopped_before_it_is_kept(alice: APIClient, settings: Any) -> None:
+    settings.MESSAGING_MAX_RESULT_CHARS = 1000
+    recorder = recorder_for(alice, token_deltas=True)
+    recorder.add(START)
+    recorder.add(BLOCK)
+    for _ in range(100):
+        recorder.add(delta("x" * 10))  # exactly the limit
+
+    with pytest.raises(ResultTooLarge, match="MESSAGING_MAX_RESULT_CHARS"):
+        recorder.add(delta("x"))
+    recorder.flush()
+
+    assert len(recorder.builder.result()["content"][0]["text"]) == 1000
+
+
+def test_a_worker_ends_an_answer_past_the_result_limit_as_failed(alice: APIClient, settings: Any) -> None:
+    settings.MESSAGING_MAX_RESULT_CHARS = 1000
+    message_id = submit(alice, " ".join(["word"] * 400), max_tokens=1000)
+
+    assert tasks.process_next() == message_id
+
+    job = MessageJob.objects.get(message_id=message_id)
+    assert job.status == "failed"
+    assert job.error["type"] == "invalid_output_error"
+    assert "MESSAGING_MAX_RESULT_CHARS" in job.error["message"]
+    assert len(job.result["content"][0]["text"]) <= 1000

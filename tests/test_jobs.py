@@ -19,6 +19,7 @@ from django_q.signing import SignedPackage
 
 from messaging import jobs, tasks, worker
 from messaging.errors import Conflict
+from messaging.events import EventRecorder, build_result
 from messaging.models import MessageEvent, MessageJob, Status, WorkerHeartbeat
 from messaging.serializers import check_request
 
@@ -251,16 +252,23 @@ def test_cancelling_a_cancelled_message_again_changes_nothing(db: None) -> None:
     assert stream(job) == events_before == [(1, "status", "pending"), (2, "status", "cancelled")]
 
 
-def test_a_cancelled_worker_keeps_its_partial_result(db: None) -> None:
+def test_a_cancelled_message_keeps_what_its_events_recorded_and_nothing_after(db: None) -> None:
     job = claimed()
-    jobs.append_events(job.pk, 1, [START])
-    jobs.cancel(job)
-    partial = {**RESULT, "content": [{"type": "text", "text": "Hi the"}]}
+    recorder = EventRecorder(job.pk, 1, token_deltas=False)
+    for event in [START, *TEXT_EVENTS]:
+        recorder.add(event)
+    recorder.flush()  # "Hi" is recorded
+    recorder.add({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " there"}})
 
-    jobs.keep_partial_result(job, 1, partial)
+    cancelled = jobs.cancel(job)
+    with pytest.raises(jobs.Superseded):
+        recorder.flush()  # the worker's next write finds the message is no longer its own
 
     job.refresh_from_db()
-    assert job.result == partial
+    assert job.result == cancelled.result
+    assert job.result["content"] == [{"type": "text", "text": "Hi"}]
+    assert job.result == build_result([event.data for event in job.events.order_by("sequence")])
+    assert job.result["usage"]["output_tokens"] == 1  # estimated: no message_delta reported it
 
 
 def test_cancel_many_cancels_only_the_pending_and_processing_messages(db: None, monkeypatch: pytest.MonkeyPatch) -> None:
