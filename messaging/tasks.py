@@ -94,6 +94,8 @@ def run(job: MessageJob) -> None:
                 raise MessageTimeout
         if watch.out_of_time:
             raise MessageTimeout  # the provider stopped because the watch told it to
+        if watch.cancelled.is_set():
+            raise jobs.Superseded  # it stopped because the message is no longer ours: not an answer
         recorder.flush()
         result = recorder.builder.result()
         problem = _output_problem(request, result)

@@ -11,6 +11,12 @@ from messaging.models import APIKey
 
 VALID_REQUEST: dict[str, Any] = {"messages": [{"role": "user", "content": "Hello there, echo"}]}
 
+# For tests that run a message in-process (tasks.run): its Watch thread checks the message on a
+# connection of its own, which sees only committed rows. Inside a test's transaction it would
+# find nothing and stop the message, as soon as the run outlasts a check interval (a loaded
+# machine).
+RUNS_THE_WORKER = pytest.mark.django_db(transaction=True)
+
 
 def client_for(owner: str) -> APIClient:
     _, key = APIKey.objects.create_key(name=owner, owner=owner)

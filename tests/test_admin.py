@@ -21,7 +21,7 @@ from rest_framework_api_key.models import APIKey as LibraryAPIKey
 from messaging import admin as messaging_admin
 from messaging import jobs, tasks
 from messaging.models import APIKey, MessageEvent, MessageJob, Status
-from tests.conftest import VALID_REQUEST
+from tests.conftest import RUNS_THE_WORKER, VALID_REQUEST
 
 LIST = "/admin/messaging/messagejob/"
 ASYNC = "/v1/messages/async"
@@ -129,6 +129,7 @@ class TestAccess:
 
 
 class TestList:
+    @RUNS_THE_WORKER
     def test_it_shows_status_model_priority_owner_created_and_duration(self, staff: Client, alice: APIClient) -> None:
         done = accept(alice, priority=9)
         tasks.process_next()
@@ -221,6 +222,7 @@ class TestSearch:
 
 
 class TestFilters:
+    @RUNS_THE_WORKER
     def test_it_filters_by_status(self, staff: Client, alice: APIClient) -> None:
         done = accept(alice, priority=9)
         tasks.process_next()
@@ -259,6 +261,7 @@ class TestFilters:
 
 
 class TestCancelSelected:
+    @RUNS_THE_WORKER
     def test_it_cancels_pending_and_processing_messages_and_leaves_finished_ones(self, staff: Client, alice: APIClient) -> None:
         done = accept(alice, priority=10)
         tasks.process_next()
@@ -285,6 +288,7 @@ class TestCancelSelected:
 
         assert set(MessageJob.objects.values_list("status", flat=True)) == {"cancelled"}
 
+    @RUNS_THE_WORKER
     def test_it_says_so_when_nothing_could_be_cancelled(self, staff: Client, alice: APIClient) -> None:
         done = accept(alice)
         tasks.process_next()
@@ -306,6 +310,7 @@ class TestCancelSelected:
 
 
 class TestCancelButton:
+    @RUNS_THE_WORKER
     def test_it_shows_the_button_for_a_pending_message_only(self, staff: Client, alice: APIClient) -> None:
         done = accept(alice, priority=9)
         tasks.process_next()
@@ -327,6 +332,7 @@ class TestCancelButton:
         assert cancelled_events(job) == [{"type": "status", "status": "cancelled", "correlation_id": "order-5"}]
         assert flash(response) == [("success", f"Message {job.message_id} was cancelled.")]
 
+    @RUNS_THE_WORKER
     def test_it_refuses_to_cancel_a_completed_message(self, staff: Client, alice: APIClient) -> None:
         job = accept(alice)
         tasks.process_next()
@@ -406,6 +412,7 @@ class TestMessagePage:
         assert "secrets" not in form.base_fields
         assert "secrets" not in str(model_admin.get_fieldsets(request))
 
+    @RUNS_THE_WORKER
     def test_it_escapes_what_it_prints(self, staff: Client, alice: APIClient) -> None:
         job = accept(alice, messages=[{"role": "user", "content": "<script>alert(1)</script>"}])
         tasks.process_next()
@@ -415,6 +422,7 @@ class TestMessagePage:
         assert "<script>alert(1)</script>" not in page
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
 
+    @RUNS_THE_WORKER
     def test_it_shows_the_result_and_events_pretty_printed(self, staff: Client, alice: APIClient) -> None:
         job = accept(alice)
         tasks.process_next()

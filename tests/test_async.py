@@ -10,7 +10,7 @@ from rest_framework.test import APIClient
 
 from messaging import tasks
 from messaging.models import MessageEvent, MessageJob
-from tests.conftest import VALID_REQUEST
+from tests.conftest import RUNS_THE_WORKER, VALID_REQUEST
 
 ASYNC = "/v1/messages/async"
 
@@ -45,6 +45,7 @@ def test_it_defaults_priority_to_five(alice: APIClient) -> None:
     assert MessageJob.objects.get(message_id=response.json()["message_id"]).priority == 5
 
 
+@RUNS_THE_WORKER
 def test_it_runs_the_accepted_message_to_completion(alice: APIClient) -> None:
     message_id = alice.post(ASYNC, VALID_REQUEST, format="json").json()["message_id"]
 

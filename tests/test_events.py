@@ -11,6 +11,7 @@ from rest_framework.test import APIClient
 from messaging import jobs, tasks
 from messaging.events import EventRecorder, ResultTooLarge
 from messaging.models import MessageEvent, MessageJob
+from tests.conftest import RUNS_THE_WORKER
 from tests.test_messages import submit
 
 START = {"type": "message_start", "message": {"id": "m", "type": "message", "role": "assistant", "model": "echo",
@@ -106,6 +107,7 @@ def test_an_answer_past_the_result_limit_is_stopped_before_it_is_kept(alice: API
     assert len(recorder.builder.result()["content"][0]["text"]) == 1000
 
 
+@RUNS_THE_WORKER
 def test_a_worker_ends_an_answer_past_the_result_limit_as_failed(alice: APIClient, settings: Any) -> None:
     settings.MESSAGING_MAX_RESULT_CHARS = 1000
     message_id = submit(alice, " ".join(["word"] * 400), max_tokens=1000)

@@ -623,7 +623,7 @@ def test_a_cancel_during_a_retry_wait_stops_without_another_attempt(anthropic_up
 
 
 def test_a_message_on_an_anthropic_model_completes_through_the_worker(
-    db: None, anthropic_upstream: AnthropicUpstream, monkeypatch: pytest.MonkeyPatch
+    transactional_db: None, anthropic_upstream: AnthropicUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(catalog.models(), "claude-local", model(anthropic_upstream))
     anthropic_upstream.script(

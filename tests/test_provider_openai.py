@@ -719,7 +719,7 @@ def test_a_cancel_during_a_retry_wait_stops_without_another_attempt(openai_upstr
 
 
 def test_a_message_on_an_openai_model_completes_through_the_worker(
-    db: None, openai_upstream: OpenAIUpstream, monkeypatch: pytest.MonkeyPatch
+    transactional_db: None, openai_upstream: OpenAIUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(catalog.models(), "local-model", model(openai_upstream))
     openai_upstream.script(error_reply(503, "busy", error_type="server_error"), streamed(text_stream("Hello", " there")))
