@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import statistics
 import sys
 import tempfile
@@ -83,6 +84,7 @@ def setup_django(database_url: str | None) -> None:
     os.environ["ALLOWED_HOSTS"] = "testserver"
     os.environ.setdefault("LOG_LEVEL", "ERROR")
     os.environ["DJANGO_SETTINGS_MODULE"] = "project.settings"
+    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))  # settings require one
     sys.path.insert(0, str(ROOT))
     import django
 

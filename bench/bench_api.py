@@ -30,6 +30,7 @@ import http.client
 import json
 import math
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -47,6 +48,9 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 OWNER = "bench"
+# Settings refuse to start without a SECRET_KEY: one per run, shared by every process the run
+# starts (django-q2 signs tasks with it). The other bench scripts import this module first.
+os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))
 
 # Representative, not trivial: what a chat client with one tool sends on its third turn.
 BODY: dict[str, object] = {

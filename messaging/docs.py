@@ -35,7 +35,8 @@ ERROR_RESPONSES = {
     ),
     409: OpenApiResponse(
         ErrorSerializer,
-        description="message_id reused with a different body, or cancel of a finished message.",
+        description="message_id reused with a different body, or cancel of a message that completed, "
+        "failed or ended in error (cancelling a cancelled message is 200).",
         examples=[_error_example(409, "conflict_error", "Message msg_01J9Z3 has already completed; it cannot be cancelled.")],
     ),
     413: OpenApiResponse(

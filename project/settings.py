@@ -7,6 +7,7 @@ names the variable, never a traceback deep inside Django.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -68,13 +69,70 @@ def env_list(name: str, default: list[str]) -> list[str]:
 DEBUG = env_bool("DEBUG", False)
 SECRET_KEY = env_str("SECRET_KEY", "")
 if not SECRET_KEY:
-    if not DEBUG and env_bool("REQUIRE_SECRET_KEY", False):
-        raise ImproperlyConfigured("SECRET_KEY must be set")
-    # A development default; the README tells production to set its own.
-    SECRET_KEY = "insecure-development-key-set-SECRET_KEY-in-production"
+    # Never a public default outside DEBUG: django-q2 signs the pickled tasks it hands to
+    # workers with this key, and Django signs sessions and password-reset links.
+    if not DEBUG:
+        raise ImproperlyConfigured(
+            "SECRET_KEY is not set. Set it to a long random value, the same for every web and "
+            "worker process, e.g. SECRET_KEY=\"$(python3 -c 'import secrets; "
+            "print(secrets.token_urlsafe(50))')\"; ./scripts/serve, ./scripts/manage and "
+            "./scripts/test make one for you, and DEBUG=1 runs with a development key."
+        )
+    SECRET_KEY = "insecure-development-key-for-DEBUG-only"
 
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", ["localhost", "127.0.0.1", "[::1]"])
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
+
+# --- HTTPS and security headers (Django's deployment checklist; README "Running in production")
+
+# Clients reach the service over HTTPS only, directly or through a proxy that terminates TLS:
+# plain HTTP is redirected, browsers are told to keep to HTTPS (HSTS), cookies never go over HTTP.
+HTTPS_ONLY = env_bool("HTTPS_ONLY", False)
+# Opt-in: only behind a proxy that sets this header to "https" and drops it from clients, or a
+# client could forge it. (uvicorn and gunicorn already trust X-Forwarded-Proto from 127.0.0.1.)
+_proxy_ssl_header = env_str("SECURE_PROXY_SSL_HEADER", "").strip()
+if _proxy_ssl_header:
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]*", _proxy_ssl_header):
+        raise ImproperlyConfigured(
+            f"SECURE_PROXY_SSL_HEADER must be a header name such as X-Forwarded-Proto, not {_proxy_ssl_header!r}"
+        )
+    _meta_name = _proxy_ssl_header.upper().replace("-", "_")
+    SECURE_PROXY_SSL_HEADER = (_meta_name if _meta_name.startswith("HTTP_") else f"HTTP_{_meta_name}", "https")
+SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", HTTPS_ONLY)
+# Load balancers probe over plain HTTP from inside the network: a redirect would fail them.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000 if HTTPS_ONLY else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", HTTPS_ONLY)
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+SESSION_COOKIE_SECURE = env_bool("SESSION_COOKIE_SECURE", HTTPS_ONLY)
+CSRF_COOKIE_SECURE = env_bool("CSRF_COOKIE_SECURE", HTTPS_ONLY)
+# Fixed: nothing this service serves is meant to be sniffed, framed or told where it came from.
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+# project/csp.py. Only this origin's scripts run, none inline: the admin has none, Swagger UI
+# loads its set-up script from /v1/docs?script (drf-spectacular's split view), Redoc none.
+# Inline styles stay allowed: Redoc writes <style> tags at run time (styled-components) and the
+# pages set style attributes, which no nonce or hash can cover. Swagger UI's icons are data: SVGs;
+# Redoc builds its search index in a worker made from a blob. (Redoc's sidebar credit loads a
+# logo from cdn.redoc.ly: blocked, one console report, and Redoc hides the image.)
+SECURE_CSP: dict[str, list[str]] = {
+    "default-src": ["'self'"],
+    "script-src": ["'self'"],
+    "style-src": ["'self'", "'unsafe-inline'"],
+    "img-src": ["'self'", "data:"],
+    "worker-src": ["'self'", "blob:"],
+    "object-src": ["'none'"],
+    "base-uri": ["'none'"],
+    "form-action": ["'self'"],
+    "frame-ancestors": ["'none'"],
+}
+SILENCED_SYSTEM_CHECKS = [
+    # HSTS preload (check --deploy's W021) puts the whole domain and its subdomains on the
+    # browsers' HTTPS-only list, which takes months to undo: the domain owner's decision, made
+    # with SECURE_HSTS_PRELOAD=true, not a default of one service.
+    "security.W021",
+]
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -94,6 +152,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "messaging.middleware.RequestIDMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    "project.csp.ContentSecurityPolicyMiddleware",
     # Serves the admin's and Swagger UI/Redoc's static files from this process: no CDN, no
     # separate web server needed.
     "whitenoise.middleware.WhiteNoiseMiddleware",

@@ -17,3 +17,21 @@ if [ ! -f "$stamp" ]; then
     touch "$stamp"
 fi
 export PATH="$PWD/.venv/bin:$PATH"
+
+# Development only (scripts/serve, scripts/manage): DATA_DIR, and a SECRET_KEY made once and
+# kept there (readable by you only), so sessions and queued tasks survive a restart. Production
+# sets its own (README, "Running in production").
+use_development_secret_key() {
+    export DATA_DIR="${DATA_DIR:-$PWD/var}"
+    mkdir -p "$DATA_DIR"
+    if [ -n "${SECRET_KEY:-}" ]; then
+        return
+    fi
+    local secret_file="$DATA_DIR/secret_key"
+    if [ ! -s "$secret_file" ]; then
+        (umask 077 && python -c 'import secrets; print(secrets.token_urlsafe(50))' >"$secret_file.tmp")
+        mv "$secret_file.tmp" "$secret_file"
+    fi
+    SECRET_KEY="$(cat "$secret_file")"
+    export SECRET_KEY
+}

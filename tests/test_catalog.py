@@ -127,7 +127,7 @@ def test_a_malformed_file_stops_start_up(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "manage.py", "check"],
         cwd=Path(__file__).resolve().parent.parent,
-        env={"PATH": "/usr/bin:/bin", "MESSAGING_MODELS_FILE": str(path), "DATA_DIR": str(tmp_path)},
+        env={"PATH": "/usr/bin:/bin", "MESSAGING_MODELS_FILE": str(path), "DATA_DIR": str(tmp_path), "SECRET_KEY": "x" * 50},
         capture_output=True,
         text=True,
     )
