@@ -56,6 +56,52 @@ ERROR_RESPONSES = {
     ),
 }
 
+# POST /v1/messages: a message that ran and failed answers with the status and type of
+# messaging.errors.FAILED_MESSAGE_RESPONSES, in a sentence naming the message's own error type.
+_FAILED = "Message msg_01J9Z3QK8ZB4VQX7R3W5T2Y6N1 failed"
+CREATE_MESSAGE_ERRORS = {
+    400: OpenApiResponse(
+        ErrorSerializer,
+        description="Bad JSON or failed validation (nothing ran), or the message ran and the provider refused "
+        "the request's content (`Message … failed (invalid_request_error): …`). `error.errors` lists every problem.",
+        examples=[
+            _error_example(400, "invalid_request_error", 'messages[1].role: "system" is not one of user, assistant', errors=True),
+            _error_example(
+                400, "invalid_request_error",
+                f'{_FAILED} (invalid_request_error): The openai provider for model "gpt-4o-mini" answered 400: '
+                "Invalid 'messages[0].content': string too long.",
+                errors=True,
+            ),
+        ],
+    ),
+    409: OpenApiResponse(ErrorSerializer, description="The message was cancelled (by staff) before it finished."),
+    413: OpenApiResponse(
+        ErrorSerializer,
+        description="The body is over the size limit, or the message ran and the provider found it too large.",
+        examples=[_error_example(413, "request_too_large", "The request body is larger than 4194304 bytes.")],
+    ),
+    429: OpenApiResponse(
+        ErrorSerializer,
+        description="The message ran and the provider's rate limit still held after the service's own retries: "
+        "try again later. (No Retry-After: the service does not know when the provider's limit resets.)",
+        examples=[_error_example(429, "rate_limit_error", f'{_FAILED} (rate_limit_error): The openai provider for model "gpt-4o-mini" answered 429 (4 attempts): Rate limit reached.')],
+    ),
+    500: OpenApiResponse(
+        ErrorSerializer,
+        description="The message ran and failed on the service's side: the provider refused the service's "
+        "credentials or does not know the model, timed out or failed, the answer broke its schema, an MCP server "
+        "failed. The sentence names the message's own `error.type` (GET /v1/messages/{message_id} keeps it).",
+        examples=[_error_example(500, "api_error", f'{_FAILED} (timeout_error): The openai provider for model "gpt-4o-mini" did not answer within its timeout (ReadTimeout) (4 attempts).')],
+    ),
+    503: ERROR_RESPONSES[503],
+    529: OpenApiResponse(
+        ErrorSerializer,
+        description="The message ran and the provider was still overloaded after the service's own retries "
+        "(Anthropic's status for an overload): try again later.",
+        examples=[_error_example(529, "overloaded_error", f'{_FAILED} (overloaded_error): The anthropic provider for model "claude-sonnet" answered 529 (4 attempts): Overloaded')],
+    ),
+}
+
 ERRORS_AUTH = {401: ERROR_RESPONSES[401]}
 ERRORS_AUTH_PARSE_NO_400 = {401: ERROR_RESPONSES[401], 413: ERROR_RESPONSES[413], 415: ERROR_RESPONSES[415]}
 ERRORS_AUTH_PARSE = {400: ERROR_RESPONSES[400], **ERRORS_AUTH_PARSE_NO_400}

@@ -70,6 +70,40 @@ _ERROR_TYPES: list[tuple[type[Exception], int, str]] = [
 ]
 
 
+# A synchronous POST /v1/messages whose message ran and failed answers with the status and type
+# that the contract's table (API.md section 1) gives for what went wrong; the message's own
+# `error` (GET /v1/messages/{message_id}) keeps its precise type, which the answer's sentence
+# names. The provider refusing the request's content is the client's to fix, like any invalid
+# request. The provider's rate limit or overload, still there after our retries, is worth trying
+# again later: 429, and 529 overloaded_error as Anthropic's API answers an overload (503 would
+# say the request was not accepted, and this one was). Everything else is the service's side:
+# its credentials or configuration at the provider, a timeout, an answer that breaks its
+# schema, an MCP server that failed, a crash: 500 api_error.
+FAILED_MESSAGE_RESPONSES: dict[str, tuple[int, str]] = {
+    "invalid_request_error": (400, "invalid_request_error"),
+    "request_too_large": (413, "request_too_large"),
+    "rate_limit_error": (429, "rate_limit_error"),
+    "overloaded_error": (529, "overloaded_error"),
+    "authentication_error": (500, "api_error"),
+    "permission_error": (500, "api_error"),
+    "not_found_error": (500, "api_error"),
+    "billing_error": (500, "api_error"),
+    "timeout_error": (500, "api_error"),
+    "invalid_output_error": (500, "api_error"),
+    "mcp_error": (500, "api_error"),
+    "api_error": (500, "api_error"),
+}
+
+
+def failed_message(message_id: str, status: str, error: dict[str, str] | None) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, error body) of a synchronous request whose message ended `failed` or `error`."""
+    error = error or {"type": "api_error", "message": "The message did not complete."}
+    http_status, error_type = FAILED_MESSAGE_RESPONSES.get(error["type"], (500, "api_error"))
+    what = "failed" if status == "failed" else "ended in error"
+    message = f"Message {message_id} {what} ({error['type']}): {error['message']}"
+    return http_status, error_body(error_type, message, [message] if http_status == 400 else None)
+
+
 def error_body(error_type: str, message: str, errors: list[str] | None = None) -> dict[str, Any]:
     error: dict[str, Any] = {"type": error_type, "message": message}
     if errors is not None:

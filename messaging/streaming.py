@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
@@ -31,11 +32,12 @@ from rest_framework import exceptions
 
 from messaging import jobs, tasks
 from messaging.auth import APIKeyAuthentication
-from messaging.errors import Conflict, InvalidRequest, error_body, error_response
+from messaging.errors import Conflict, InvalidRequest, error_body, error_response, failed_message
+from messaging.headers import header_value, warnings_header
 from messaging.models import TERMINAL_STATUSES, MessageEvent, MessageJob, Status
 from messaging.notify import hub, in_executor
 from messaging.parsers import read_json_body
-from messaging.serializers import check_request
+from messaging.serializers import MESSAGE_ID, check_request
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,11 @@ SSE_HEADERS = {
 }
 # Events read from the database per query while replaying.
 BATCH = 500
+# An event's sequence number is a PositiveIntegerField: 32 bits on PostgreSQL. No event lies
+# past it, and a larger number in a query overflows the column's type.
+MAX_SEQUENCE = 2**31 - 1
+# ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+_SEQUENCE = re.compile(r"[0-9]{1,10}")
 
 
 def _frame(sequence: int, kind: str, data: dict[str, Any]) -> bytes:
@@ -113,7 +120,10 @@ def _authenticate(request: HttpRequest) -> str:
 
 
 def _find(owner: str, message_id: str) -> int:
-    job_pk = MessageJob.objects.filter(owner=owner, message_id=message_id).values_list("pk", flat=True).first()
+    job_pk = None
+    # Only ids that could have been given out are looked up (PostgreSQL refuses a NUL in a query).
+    if MESSAGE_ID.fullmatch(message_id):
+        job_pk = MessageJob.objects.filter(owner=owner, message_id=message_id).values_list("pk", flat=True).first()
     if job_pk is None:
         raise exceptions.NotFound(f"No message with message_id {message_id!r}.")
     return job_pk
@@ -121,11 +131,12 @@ def _find(owner: str, message_id: str) -> int:
 
 def _resume_point(request: HttpRequest) -> int:
     """Last-Event-ID (a reconnecting EventSource) wins over ?starting_after=."""
-    raw = request.headers.get("Last-Event-ID") or request.GET.get("starting_after") or "0"
-    if not raw.isdigit():
-        source = "Last-Event-ID" if request.headers.get("Last-Event-ID") else "starting_after"
-        raise InvalidRequest([f"{source}: must be an event sequence number (0 or more), not {raw!r}"])
-    return int(raw)
+    header = request.headers.get("Last-Event-ID")
+    source, raw = ("Last-Event-ID", header) if header else ("starting_after", request.GET.get("starting_after") or "0")
+    if _SEQUENCE.fullmatch(raw) and int(raw) <= MAX_SEQUENCE:
+        return int(raw)
+    shown = raw if len(raw) <= 40 else raw[:40] + "…"
+    raise InvalidRequest([f"{source}: must be an event sequence number from 0 to {MAX_SEQUENCE}, not {shown!r}"])
 
 
 def _open_stream(request: HttpRequest, message_id: str) -> tuple[int, int]:
@@ -143,9 +154,16 @@ def _method_not_allowed(request: HttpRequest, allowed: str, where: str) -> HttpR
 # --- GET /v1/messages/{message_id}/stream ------------------------------------------------------
 
 
+STREAM_METHODS = "GET, OPTIONS"
+
+
+# No cookie authenticates the API: Django's CSRF check would answer a POST with an HTML 403.
+@csrf_exempt
 async def message_stream(request: HttpRequest, message_id: str) -> HttpResponseBase:
+    if request.method == "OPTIONS":
+        return HttpResponse(headers={"Allow": STREAM_METHODS})
     if request.method != "GET":
-        return _method_not_allowed(request, "GET", "message_stream")
+        return _method_not_allowed(request, STREAM_METHODS, "message_stream")
     try:
         job_pk, after = await in_executor(_open_stream)(request, message_id)
     except Exception as exc:
@@ -224,9 +242,8 @@ def _finished_response(job: MessageJob, headers: dict[str, str]) -> HttpResponse
     if job.status == Status.CANCELLED:
         body = error_body("conflict_error", f"Message {job.message_id} was cancelled before it finished.")
         return HttpResponse(orjson.dumps(body), status=409, content_type="application/json", headers=headers)
-    error = job.error or {"type": "api_error", "message": "The message did not complete."}
-    body = error_body(error["type"], error["message"])
-    return HttpResponse(orjson.dumps(body), status=500, content_type="application/json", headers=headers)
+    http_status, body = failed_message(job.message_id, job.status, job.error)
+    return HttpResponse(orjson.dumps(body), status=http_status, content_type="application/json", headers=headers)
 
 
 async def create_message(request: HttpRequest) -> HttpResponseBase:
@@ -236,11 +253,13 @@ async def create_message(request: HttpRequest) -> HttpResponseBase:
         return error_response(exc, where="create_message")
     asyncio.get_running_loop().run_in_executor(_runners(), _run_in_this_process, job)
 
+    # The message has run by the time these headers are sent: a value that cannot be a header
+    # would turn its answer into a 500, and a retrying client would run it twice.
     headers = {"X-Message-ID": job.message_id}
     if job.correlation_id is not None:
-        headers["X-Correlation-ID"] = job.correlation_id
+        headers["X-Correlation-ID"] = header_value(job.correlation_id)
     if facts["warnings"]:
-        headers["X-Warnings"] = orjson.dumps(facts["warnings"]).decode()
+        headers["X-Warnings"] = warnings_header(facts["warnings"])
     anthropic = "anthropic-version" in request.headers
 
     if facts["stream"]:
@@ -267,8 +286,15 @@ def _list_view() -> Any:
     return sync_to_async(MessageListView.as_view())
 
 
+# The list view's Allow header (OPTIONS, 405) knows only its own methods.
+MESSAGES_ROOT_METHODS = "GET, HEAD, POST, OPTIONS"
+
+
 @csrf_exempt
 async def messages_root(request: HttpRequest) -> HttpResponseBase:
     if request.method == "POST":
         return await create_message(request)
-    return await _list_view()(request)  # type: ignore[no-any-return]
+    response: HttpResponseBase = await _list_view()(request)
+    if response.has_header("Allow"):
+        response["Allow"] = MESSAGES_ROOT_METHODS
+    return response

@@ -22,9 +22,8 @@ from django.utils import timezone
 from django_q.brokers import Broker, get_broker
 from django_q.models import OrmQ
 from django_q.tasks import async_task
-from jsonschema import Draft202012Validator
 
-from messaging import catalog, jobs, worker
+from messaging import catalog, jobs, patterns, worker
 from messaging.events import EventRecorder, ResultTooLarge
 from messaging.models import MessageJob, Status
 from messaging.providers.base import ProviderError
@@ -74,7 +73,21 @@ class MessageTimeout(Exception):
     pass
 
 
+SERVICE_FAILED = {"type": "api_error", "message": "The service failed while running this message."}
+
+
 def run(job: MessageJob) -> None:
+    """Run a claimed message to a terminal status. Whatever fails, the message ends: a failure
+    before the model is called would otherwise leave it `processing` until its lease ran out
+    (and a synchronous client waiting as long)."""
+    try:
+        _run(job)
+    except Exception:
+        logger.exception("message %s failed in the service", job.message_id)
+        jobs.fail(job, job.attempts, Status.ERROR, SERVICE_FAILED)
+
+
+def _run(job: MessageJob) -> None:
     attempt = job.attempts
     spec = catalog.get_model(job.model)
     if spec is None:
@@ -114,7 +127,7 @@ def run(job: MessageJob) -> None:
         _end_with(job, attempt, recorder, Status.FAILED, "invalid_output_error", str(exc))
     except Exception:
         logger.exception("message %s failed in the service", job.message_id)
-        _end_with(job, attempt, recorder, Status.ERROR, "api_error", "The service failed while running this message.")
+        _end_with(job, attempt, recorder, Status.ERROR, SERVICE_FAILED["type"], SERVICE_FAILED["message"])
     finally:
         watch.stop()
         stream.close()
@@ -174,7 +187,12 @@ def _output_problem(request: dict[str, Any], result: dict[str, Any] | None) -> s
         value = json.loads(text)
     except ValueError:
         return "The model's answer is not JSON, as response_format requires."
-    error = next(iter(Draft202012Validator(response_format["json_schema"]["schema"]).iter_errors(value)), None)
+    except RecursionError:
+        return "The model's answer is JSON nested too deeply to read."
+    try:
+        error = patterns.first_error(response_format["json_schema"]["schema"], value)
+    except patterns.Unchecked as exc:  # out of steps, or a $ref that leads nowhere
+        return f"The model's answer could not be checked against response_format's schema: {exc}."
     if error is not None:
         return f"The model's answer does not match response_format's schema: {error.message}"
     return None

@@ -20,7 +20,7 @@ from rest_framework.views import APIView
 from messaging import catalog, docs, jobs
 from messaging.errors import InvalidRequest
 from messaging.models import MessageJob, Status, WorkerHeartbeat
-from messaging.parsers import require_json_body
+from messaging.parsers import read_json_body
 from messaging.serializers import (
     MESSAGE_ID,
     RESERVED_MESSAGE_IDS,
@@ -37,7 +37,10 @@ from messaging.serializers import (
 
 def get_message(request: Request, message_id: str) -> MessageJob:
     """The caller's message; another owner's is 404 like a missing one, never 403."""
-    job = MessageJob.objects.filter(owner=request.user.name, message_id=message_id).first()
+    job = None
+    # Only ids that could have been given out are looked up (PostgreSQL refuses a NUL in a query).
+    if MESSAGE_ID.fullmatch(message_id):
+        job = MessageJob.objects.filter(owner=request.user.name, message_id=message_id).first()
     if job is None:
         raise NotFound(f"No message with message_id {message_id!r}.")
     return job
@@ -59,12 +62,15 @@ class ApiView(APIView):
 
 
 class JSONBodyView(ApiView):
-    """A view whose POST body must be a JSON object."""
+    """A view whose POST body must be a JSON object: `self.json_body`, read as every view reads
+    one (`read_json_body`: chunked bodies too, which DRF's `request.data` would take for empty)."""
+
+    json_body: Any = None
 
     def initial(self, request: Request, *args: Any, **kwargs: Any) -> None:
         super().initial(request, *args, **kwargs)
         if request.method == "POST":  # other methods answer 405 first
-            require_json_body(request.content_type, int(request.META.get("CONTENT_LENGTH") or 0))
+            self.json_body = read_json_body(request)
 
 
 class ValidateView(JSONBodyView):
@@ -79,7 +85,7 @@ class ValidateView(JSONBodyView):
         tags=["messages"],
     )
     def post(self, request: Request) -> Response:
-        checked = check_request(request.data, endpoint="validate")
+        checked = check_request(self.json_body, endpoint="validate")
         return Response(
             {
                 "valid": checked.valid,
@@ -119,11 +125,12 @@ class AsyncMessageView(JSONBodyView):
     )
     def post(self, request: Request) -> Response:
         message_id = request.query_params.get("message_id")
-        if message_id is not None and (not MESSAGE_ID.match(message_id) or message_id in RESERVED_MESSAGE_IDS):
+        # fullmatch: `$` also matches before a final newline, and the id goes into Location.
+        if message_id is not None and (not MESSAGE_ID.fullmatch(message_id) or message_id in RESERVED_MESSAGE_IDS):
             raise InvalidRequest(
                 [f"message_id: {message_id!r} must match ^[A-Za-z0-9][A-Za-z0-9_.:-]{{0,127}}$ and not be async or validate"]
             )
-        checked = check_request(request.data, endpoint="async")
+        checked = check_request(self.json_body, endpoint="async")
         if not checked.valid:
             raise InvalidRequest(checked.errors)
         job, created = jobs.accept(request.user.name, checked, message_id)

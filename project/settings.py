@@ -395,5 +395,8 @@ LOGGING = {
     "loggers": {
         # django-q2 logs every enqueue at INFO; its start-up and worker deaths are WARNING and up.
         "django-q": {"level": env_str("Q_LOG_LEVEL", "WARNING").upper()},
+        # httpx logs every request's URL at INFO: model providers' base URLs are the operator's
+        # (internal hosts and ports), and the providers log their failures themselves.
+        "httpx": {"level": "WARNING"},
     },
 }

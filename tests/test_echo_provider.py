@@ -340,13 +340,84 @@ def test_response_format_tool_call_without_a_name_uses_the_first_tool() -> None:
     assert block["name"] == "get_weather"
 
 
-def test_structured_output_is_never_cut_and_still_fits_max_tokens() -> None:
+def test_short_structured_output_is_never_cut_and_still_fits_max_tokens() -> None:
     events = run(make_request(tools=[WEATHER_TOOL], tool_choice={"type": "any"}, max_tokens=1))
 
     assert len(deltas(events, "input_json_delta")) == 1
     assert_valid(blocks(events)[0]["input"], WEATHER_TOOL["input_schema"])
     assert final(events)["delta"]["stop_reason"] == "tool_use"
     assert final(events)["usage"] == {"output_tokens": 1}
+
+
+def test_long_structured_output_comes_in_chunks_of_at_most_64_characters_one_token_each() -> None:
+    schema = {"type": "object", "properties": {"text": {"type": "string", "minLength": 1000}}, "required": ["text"]}
+    events = run(make_request(response_format={"type": "json_schema", "json_schema": {"name": "long", "schema": schema}}, max_tokens=100))
+
+    pieces = deltas(events)
+    assert len(json.loads("".join(pieces))["text"]) == 1000
+    assert all(len(piece) <= 64 for piece in pieces)
+    assert final(events)["delta"]["stop_reason"] == "end_turn"
+    assert final(events)["usage"] == {"output_tokens": len(pieces)}
+
+
+def _doubling(levels: int) -> dict:
+    defs: dict[str, Any] = {
+        f"l{n}": {"type": "object", "properties": {"a": {"$ref": f"#/$defs/l{n + 1}"}, "b": {"$ref": f"#/$defs/l{n + 1}"}}, "required": ["a", "b"]}
+        for n in range(levels)
+    }
+    defs[f"l{levels}"] = {"type": "string", "minLength": 100}
+    return {"$defs": defs, "$ref": "#/$defs/l0"}
+
+
+# Each asks for far more than max_tokens allows; a 180-byte request once stored a 30 MB result.
+HUGE_SCHEMAS: dict[str, Any] = {
+    "minLength": {"type": "object", "properties": {"text": {"type": "string", "minLength": 100_000_000}}, "required": ["text"]},
+    "minItems": {"type": "object", "properties": {"list": {"type": "array", "items": {"type": "integer"}, "minItems": 100_000_000}}, "required": ["list"]},
+    "minProperties": {"type": "object", "minProperties": 100_000_000, "additionalProperties": {"type": "boolean"}},
+    "nested minItems": {
+        "type": "object",
+        "properties": {"rows": {"type": "array", "minItems": 100_000, "items": {"type": "array", "minItems": 100_000, "items": {"type": "string", "minLength": 1000}}}},
+        "required": ["rows"],
+    },
+    "a tree twice as wide at each of 30 levels": _doubling(30),
+    "a const of a megabyte, many times": {"type": "object", "properties": {"list": {"type": "array", "items": {"const": "x" * 1_000_000}, "minItems": 1000}}, "required": ["list"]},
+}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("schema", HUGE_SCHEMAS.values(), ids=HUGE_SCHEMAS.keys())
+@pytest.mark.parametrize("answer", ["json_schema", "tool_use"])
+def test_what_a_schema_demands_beyond_max_tokens_is_cut_there_with_stop_reason_max_tokens(schema: Any, answer: str) -> None:
+    if answer == "tool_use":
+        request = make_request(tools=[{"name": "huge", "input_schema": schema}], tool_choice={"type": "any"}, max_tokens=300)
+    else:
+        request = make_request(response_format={"type": "json_schema", "json_schema": {"name": "huge", "schema": schema}}, max_tokens=300)
+
+    events = run(request)
+
+    pieces = deltas(events, "input_json_delta" if answer == "tool_use" else "text_delta")
+    assert final(events)["delta"]["stop_reason"] == "max_tokens"
+    assert final(events)["usage"] == {"output_tokens": 300}
+    assert len(pieces) == 300 and all(len(piece) <= 64 for piece in pieces)
+    assert "".join(pieces).startswith('{"')
+
+
+def test_thinking_and_a_cut_answer_share_max_tokens() -> None:
+    response_format = {"type": "json_schema", "json_schema": {"name": "huge", "schema": HUGE_SCHEMAS["minLength"]}}
+    events = run(make_request("echo me please", response_format=response_format, thinking={"type": "enabled", "budget_tokens": 1024}, max_tokens=50))
+
+    assert final(events)["delta"]["stop_reason"] == "max_tokens"
+    assert final(events)["usage"] == {"output_tokens": 50}
+    assert len(deltas(events, "thinking_delta")) + len(deltas(events)) == 50
+
+
+@pytest.mark.timeout(60)
+def test_a_pattern_whose_shortest_match_is_huge_still_gives_a_short_answer() -> None:
+    # RE2 allows 1000 repetitions at a time, but not fewer characters in a row of them.
+    schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^" + "a{1000}" * 50 + "$"}}, "required": ["code"]}
+    events = run(make_request(response_format={"type": "json_schema", "json_schema": {"name": "code", "schema": schema}}, max_tokens=16))
+
+    assert len("".join(deltas(events))) <= 16 * 64
 
 
 # --- JSON output -----------------------------------------------------------------------------
@@ -610,10 +681,10 @@ SCHEMAS: dict[str, Any] = {
             "slug": {"type": "string", "pattern": "^[a-z0-9]+(?:-[a-z0-9]+)*$", "minLength": 1},
             "choice": {"type": "string", "pattern": "^(small|medium|large)$"},
             "not_at": {"type": "string", "pattern": "^[^@\\s]+@[^@\\s]+$"},
-            "repeat": {"type": "string", "pattern": "^(ab)\\1$"},
+            "unicode escape": {"type": "string", "pattern": "^\\u0041{2}-[\\u0430-\\u044f]$"},
             "unanchored": {"type": "string", "pattern": "x"},
         },
-        "required": ["currency", "color", "slug", "choice", "not_at", "repeat", "unanchored"],
+        "required": ["currency", "color", "slug", "choice", "not_at", "unicode escape", "unanchored"],
     },
     "formats": {
         "type": "object",

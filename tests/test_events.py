@@ -119,3 +119,14 @@ def test_a_worker_ends_an_answer_past_the_result_limit_as_failed(alice: APIClien
     assert job.error["type"] == "invalid_output_error"
     assert "MESSAGING_MAX_RESULT_CHARS" in job.error["message"]
     assert len(job.result["content"][0]["text"]) <= 1000
+
+
+@RUNS_THE_WORKER
+def test_a_service_failure_before_the_model_is_called_still_ends_the_message(alice: APIClient, settings: Any) -> None:
+    del settings.MESSAGING_MAX_RESULT_CHARS  # the recorder cannot be set up
+    message_id = submit(alice)
+
+    assert tasks.process_next() == message_id
+
+    job = MessageJob.objects.get(message_id=message_id)
+    assert (job.status, job.error) == ("error", tasks.SERVICE_FAILED)

@@ -201,6 +201,26 @@ def test_it_accepts_json_with_a_charset(alice: APIClient) -> None:
     assert response.json()["valid"] is True
 
 
+@pytest.mark.parametrize("url", [VALIDATE, ASYNC])
+@pytest.mark.parametrize(
+    "body",
+    ['{"messages": [{"role": "user", "content": "a\\u0000b"}]}', '{"messages": [{"role": "user", "content": "hi"}], "x\\u0000": 1}'],
+    ids=["in a value", "in an unknown field's name"],
+)
+def test_it_refuses_a_nul_character_anywhere_in_the_body(alice: APIClient, url: str, body: str) -> None:
+    # PostgreSQL's jsonb cannot store U+0000: /async answered 500 there, /validate said "valid".
+    error = assert_error(post_raw(alice, url, body), 400, "invalid_request_error")
+
+    assert error["message"] == "The request body contains the character U+0000 (NUL), which this service cannot store."
+    assert MessageJob.objects.count() == 0
+
+
+def test_it_accepts_a_quoted_backslash_u_0000_which_is_text(alice: APIClient) -> None:
+    body = '{"messages": [{"role": "user", "content": "the escape \\\\u0000 in C"}]}'
+
+    assert post_raw(alice, VALIDATE, body).json()["valid"] is True
+
+
 # --- The size limit ---------------------------------------------------------------------------
 
 
@@ -309,6 +329,54 @@ def test_it_answers_a_wrong_method_with_405_in_the_error_shape(alice: APIClient,
     error = assert_error(getattr(alice, method)(url), 405, "method_not_allowed_error")
 
     assert method.upper() in error["message"]
+
+
+# Every route's Allow header, for OPTIONS and for a 405, names every method it serves.
+ROUTES = {
+    "/v1/messages": "GET, HEAD, POST, OPTIONS",  # GET lists (DRF), POST runs a message (an async view)
+    VALIDATE: "POST, OPTIONS",
+    ASYNC: "POST, OPTIONS",
+    "/v1/messages/msg_1": "GET, HEAD, OPTIONS",
+    "/v1/messages/msg_1/stream": "GET, OPTIONS",
+    "/v1/messages/msg_1/cancel": "POST, OPTIONS",
+    "/v1/models": "GET, HEAD, OPTIONS",
+}
+
+
+@pytest.mark.parametrize(("url", "allowed"), ROUTES.items(), ids=ROUTES.keys())
+def test_options_and_a_405_name_every_method_a_route_serves(alice: APIClient, url: str, allowed: str) -> None:
+    # With CSRF checks on, as a real client meets them: no API route may answer with Django's HTML 403.
+    client = APIClient(enforce_csrf_checks=True, HTTP_AUTHORIZATION=f"Bearer {alice.api_key}")  # type: ignore[attr-defined]
+    refused = "POST" if "POST" not in allowed else "GET" if "GET" not in allowed else "PUT"
+
+    options = client.options(url)
+    put = client.put(url)
+    other = client.generic(refused, url)
+
+    assert options.status_code == 200
+    assert options["Allow"] == allowed
+    for response in (put, other):
+        assert_error(response, 405, "method_not_allowed_error")
+        assert response["Allow"] == allowed
+
+
+@pytest.mark.parametrize("url", ["/v1/messages/a%00b", "/v1/messages/a%00b/cancel"])
+def test_a_message_id_that_cannot_exist_is_404_without_a_query(alice: APIClient, url: str) -> None:
+    # PostgreSQL refuses a NUL in a query: that was a 500.
+    method = alice.post if url.endswith("/cancel") else alice.get
+
+    assert_error(method(url), 404, "not_found_error")
+
+
+@pytest.mark.parametrize("message_id", ["order-42%0A", "order-42%0D%0A", "order-42%0Amore"])
+def test_async_refuses_a_message_id_with_a_line_break(alice: APIClient, message_id: str) -> None:
+    # `^...$` alone let "order-42\n" through, and the id goes into Location: the message was
+    # stored and queued, then the answer was a 500.
+    response = alice.post(f"{ASYNC}?message_id={message_id}", VALID_REQUEST, format="json")
+
+    error = assert_error(response, 400, "invalid_request_error")
+    assert error["message"].startswith("message_id: ")
+    assert MessageJob.objects.count() == 0
 
 
 # --- A crash ------------------------------------------------------------------------------------

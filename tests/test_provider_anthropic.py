@@ -459,8 +459,27 @@ def test_a_refused_connection_is_retried_then_fails_as_retryable(provider: Anthr
     events, error = run(provider, model(upstream))
     assert events == []
     assert error is not None and error.retryable
-    assert error.message.startswith("The connection to 127.0.0.1:") and error.message.endswith("(4 attempts).")
+    assert error.message.startswith('The connection to the anthropic provider for model "claude-local" failed: ')
+    assert error.message.endswith("(4 attempts).") and "127.0.0.1" not in error.message
     assert len(sleeps) == 3
+
+
+def test_a_failure_names_the_provider_and_model_never_the_upstreams_address(
+    anthropic_upstream: AnthropicUpstream, provider: AnthropicProvider, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    at = anthropic_upstream.base_url.split("//")[1]  # 127.0.0.1:<port>
+    anthropic_upstream.script(
+        anthropic_error_reply(529, f"Overloaded ({at})", error_type="overloaded_error"),
+        anthropic_streamed([*CUT_START, {"type": "error", "error": {"type": "invalid_request_error", "message": f"{anthropic_upstream.base_url} says no"}}]),
+    )
+
+    _, error = run(provider, model(anthropic_upstream))
+
+    assert error is not None
+    assert error.message == 'The anthropic provider for model "claude-local" reported an error in the stream: [model server] says no'
+    assert "127.0.0.1" not in caplog.text and at.split(":")[1] not in caplog.text
+    assert 'The anthropic provider for model "claude-local" answered 529 (1 attempt): Overloaded ([model server])' in caplog.text
 
 
 # --- failures in the middle of the answer --------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, cast
 
 import pytest
@@ -454,7 +454,7 @@ def test_server_errors_are_retried_with_exponential_backoff_until_the_attempts_r
     assert error is not None
     assert error.retryable
     assert error.error_type == "api_error"
-    assert error.message == f"127.0.0.1:{openai_upstream.base_url.split(':')[2].split('/')[0]} answered 504 (4 attempts): failure 504"
+    assert error.message == 'The openai provider for model "local-model" answered 504 (4 attempts): failure 504'
     assert openai_upstream.attempts == 4
     # Full jitter at its upper bound (rand = 1.0): 0.1, 0.2, then capped at retry_max_delay.
     assert sleeps == [0.1, 0.2, 0.3]
@@ -539,7 +539,8 @@ def test_a_refused_connection_is_retried_then_fails_as_retryable(provider: OpenA
     events, error = run(provider, model(upstream))
     assert events == []
     assert error is not None and error.retryable
-    assert error.message.startswith("The connection to 127.0.0.1:") and error.message.endswith("(4 attempts).")
+    assert error.message.startswith('The connection to the openai provider for model "local-model" failed: ')
+    assert error.message.endswith("(4 attempts).") and "127.0.0.1" not in error.message
     assert len(sleeps) == 3
 
 
@@ -715,6 +716,64 @@ def test_a_cancel_during_a_retry_wait_stops_without_another_attempt(openai_upstr
     assert openai_upstream.attempts == 1
 
 
+# --- what a failure says ------------------------------------------------------------------------
+# The provider and the configured model, never the upstream's address: a failure is stored,
+# streamed, answered and logged, and base URLs are the operator's (internal hosts, ports).
+
+NAME = 'The openai provider for model "local-model"'
+
+
+def address(upstream: OpenAIUpstream) -> str:
+    return upstream.base_url.split("//")[1].split("/")[0]  # 127.0.0.1:<port>
+
+
+FAILURES: dict[str, tuple[Callable[[str], list[Reply]], dict[str, Any], str]] = {
+    "a 400 that repeats the upstream's address": (
+        lambda at: [error_reply(400, f"No such tool at http://{at}/v1 ({at.split(':')[0]})")],
+        {},
+        f"{NAME} answered 400: No such tool at [model server] ([model server])",
+    ),
+    "server errors until the attempts run out": (
+        lambda at: [error_reply(500, "failure", error_type="server_error")] * 4,
+        {},
+        f"{NAME} answered 500 (4 attempts): failure",
+    ),
+    "a timeout": (lambda at: [Reply(delay=5, stream=text_stream("late"))], {"read_timeout": 0.2, "max_attempts": 1}, f"{NAME} did not answer within its timeout (ReadTimeout) (1 attempt)."),
+    "not an event stream": (
+        lambda at: [Reply(headers={"Content-Type": "text/html"}, body=b"<html>" + at.encode())],
+        {},
+        f"{NAME} answered with text/html instead of an event stream.",
+    ),
+    "a malformed chunk": (lambda at: [streamed([Raw(b"data: nope\n\n")])], {}, f"{NAME} sent a malformed chunk (not JSON)."),
+    "an error in the stream": (
+        lambda at: [streamed([{"error": {"message": f"{at} is draining", "type": "invalid_request_error"}}])],
+        {},
+        f"{NAME} reported an error in the stream: [model server] is draining",
+    ),
+}
+
+
+@pytest.mark.parametrize(("replies", "options", "message"), FAILURES.values(), ids=FAILURES.keys())
+def test_a_failure_names_the_provider_and_model_never_the_upstreams_address(
+    openai_upstream: OpenAIUpstream, provider: OpenAIProvider, caplog: pytest.LogCaptureFixture,
+    replies: Callable[[str], list[Reply]], options: dict[str, Any], message: str,
+) -> None:
+    caplog.set_level("INFO")
+    openai_upstream.script(*replies(address(openai_upstream)))
+
+    _, error = run(provider, model(openai_upstream, **options))
+
+    assert error is not None and error.message == message
+    assert "127.0.0.1" not in caplog.text and address(openai_upstream).split(":")[1] not in caplog.text
+
+
+def test_an_unusable_base_url_is_named_without_the_url(openai_upstream: OpenAIUpstream, provider: OpenAIProvider) -> None:
+    _, error = run(provider, model(openai_upstream, base_url="ftp://user:secret@files.internal:2121/v1"))
+
+    assert error is not None
+    assert error.message == f"Cannot call {NAME[0].lower() + NAME[1:]}: its base_url cannot be used (UnsupportedProtocol)."
+
+
 # --- through the worker --------------------------------------------------------------------------
 
 
@@ -751,8 +810,10 @@ def test_a_message_whose_upstream_refuses_it_ends_failed_without_the_key(
     job = MessageJob.objects.get(pk=job.pk)
     assert job.status == Status.FAILED
     assert job.error["type"] == "authentication_error"
-    assert "Incorrect API key provided: [redacted]." in job.error["message"]
-    assert KEY not in str(job.error) and KEY not in str(list(job.events.values_list("data", flat=True)))
+    assert job.error["message"] == f"{NAME} answered 401: Incorrect API key provided: [redacted]."
+    events = str(list(job.events.values_list("data", flat=True)))
+    assert KEY not in str(job.error) and KEY not in events
+    assert address(openai_upstream) not in events
 
 
 # --- Retry-After ---------------------------------------------------------------------------------

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 import httpx
 import pytest
@@ -13,6 +16,7 @@ import pytest
 from messaging.models import APIKey, MessageJob
 from tests.processes import Server, wait_until
 from tests.sse import Comment, Event, events_only, read_stream
+from tests.upstreams import OpenAIUpstream, Reply, error_reply, openai_upstream, text_stream  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.e2e
 
@@ -192,7 +196,48 @@ class TestStream:
         assert httpx.get(f"{client.http.base_url}/v1/messages/{message_id}/stream").status_code == 401
         bad = client.http.get(f"/v1/messages/{message_id}/stream", headers={"Last-Event-ID": "abc"})
         assert bad.status_code == 400
-        assert bad.json()["error"]["errors"] == ["Last-Event-ID: must be an event sequence number (0 or more), not 'abc'"]
+        assert bad.json()["error"]["errors"] == ["Last-Event-ID: must be an event sequence number from 0 to 2147483647, not 'abc'"]
+
+    def test_a_resume_point_that_is_not_a_sequence_number_is_a_400_in_either_form(self, client: Client) -> None:
+        message_id = client.submit("x")
+        # Digits that are not ASCII ("²".isdigit() is True, int("²") fails), numbers past what an
+        # event's sequence column holds, and numbers too long for int() at all.
+        values = {
+            "\u00b2": "'\u00b2'",
+            "\u0663": "'\u0663'",  # ARABIC-INDIC DIGIT THREE
+            str(2**31): "'2147483648'",
+            str(2**63): "'9223372036854775808'",
+            "9" * 5000: "'" + "9" * 40 + "…'",
+            "-1": "'-1'",
+            "1.5": "'1.5'",
+            "0x10": "'0x10'",
+        }
+        for value, shown in values.items():
+            by_query = client.http.get(f"/v1/messages/{message_id}/stream", params={"starting_after": value})
+            # httpx sends str headers as ASCII: the others go as bytes (UTF-8), as a browser would.
+            by_header = client.http.get(f"/v1/messages/{message_id}/stream", headers={"Last-Event-ID": value.encode()})
+
+            sentence = f"starting_after: must be an event sequence number from 0 to 2147483647, not {shown}"
+            assert by_query.status_code == 400, (value, by_query.text)
+            assert by_query.json()["error"] == {"type": "invalid_request_error", "message": sentence, "errors": [sentence]}
+            assert by_header.status_code == 400, (value, by_header.text)
+            assert by_header.json()["error"]["type"] == "invalid_request_error"
+            assert by_header.json()["error"]["message"].startswith("Last-Event-ID: must be an event sequence number from 0 to 2147483647")
+
+    def test_the_largest_sequence_number_is_a_valid_resume_point(self, client: Client) -> None:
+        message_id = client.submit("x")  # no cluster: it stays pending, the stream stays open
+
+        with client.stream(message_id, params={"starting_after": str(2**31 - 1)}) as response:
+            assert response.status_code == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
+
+    def test_a_message_id_that_cannot_exist_is_a_json_404(self, client: Client) -> None:
+        # PostgreSQL refuses a NUL in a query: that was a 500.
+        for message_id in ["a\x00b", "\u00b2", "x" * 300, "a b"]:
+            response = client.http.get(f"/v1/messages/{quote(message_id, safe='')}/stream")
+
+            assert response.status_code == 404, (message_id, response.text)
+            assert response.json()["error"]["type"] == "not_found_error"
 
 
 class TestSynchronous:
@@ -247,6 +292,92 @@ class TestSynchronous:
 
     def test_the_message_list_is_still_served_on_the_same_path(self, client: Client) -> None:
         assert client.http.get("/v1/messages").json()["data"] == []
+
+    def test_a_bad_body_is_a_400_that_says_why_and_nothing_runs(self, client: Client) -> None:
+        from tests.test_validate import CONTROL_CHARACTERS, NULL_ITEMS
+
+        cases = list(NULL_ITEMS.values())
+        for character in CONTROL_CHARACTERS:
+            body = {"messages": [{"role": "user", "content": "hi"}], "correlation_id": f"order{character}42"}
+            cases.append((body, [f"correlation_id: must not contain control characters (U+{ord(character[0]):04X} at index 5)"]))
+
+        for body, errors in cases:
+            response = client.http.post("/v1/messages", json=body)
+            assert response.status_code == 400, (body, response.text)
+            assert response.json()["error"]["errors"] == errors
+        assert not MessageJob.objects.exists()
+
+    def test_what_the_client_chose_comes_back_in_headers_that_cannot_break(self, client: Client) -> None:
+        correlation_id = "été 東京 %41"
+        body = {
+            # 200 messages from one role: 199 warnings; and unknown fields named with DEL, CJK
+            # and 10,000 characters, which the first warning repeats.
+            "messages": [{"role": "user", "content": "hi"}] * 200,
+            "correlation_id": correlation_id,
+            "x\x7fy": 1,
+            "東京": 2,
+            "z" * 10_000: 3,
+        }
+
+        response = client.http.post("/v1/messages", json=body)
+
+        assert response.status_code == 200, response.text
+        headers = dict(response.headers.raw)
+        assert all(0x20 <= byte < 0x7F for value in headers.values() for byte in value), headers
+        assert unquote(headers[b"x-correlation-id"].decode()) == correlation_id
+        raw_warnings = headers[b"x-warnings"]
+        assert len(raw_warnings) <= 4096
+        warnings = json.loads(raw_warnings)
+        assert warnings[0].startswith("unknown fields are ignored: x\x7fy, zzz") and warnings[0].endswith("zz…")
+        assert warnings[1] == "messages[0] and messages[1] are both from user; consecutive messages of one role are merged by most providers"
+        assert warnings[-1].endswith("more warnings: POST /v1/messages/validate lists them all")
+        assert client.state(response.headers["x-message-id"])["correlation_id"] == correlation_id
+
+
+class TestSynchronousFailures:
+    """A message that ran and failed: the answer's status and type follow the contract's table
+    (messaging.errors.FAILED_MESSAGE_RESPONSES), its sentence names what happened, and the
+    message keeps its own error; nothing names the provider's address."""
+
+    # (the upstream's reply, the answer's status and error.type, the message's own error.type)
+    CASES = [
+        (error_reply(400, "Invalid 'messages': too long."), 400, "invalid_request_error", "invalid_request_error"),
+        (error_reply(401, "Incorrect API key provided.", error_type="invalid_api_key"), 500, "api_error", "authentication_error"),
+        (error_reply(404, "The model does not exist.", error_type="not_found_error"), 500, "api_error", "not_found_error"),
+        (error_reply(429, "Rate limit reached.", error_type="rate_limit_error"), 429, "rate_limit_error", "rate_limit_error"),
+        (error_reply(500, "The server had an error.", error_type="server_error"), 500, "api_error", "api_error"),
+        (error_reply(529, "Overloaded.", error_type="overloaded_error"), 529, "overloaded_error", "overloaded_error"),
+        (Reply(delay=5, stream=text_stream("late")), 500, "api_error", "timeout_error"),
+    ]
+
+    def test_the_answer_says_what_failed_with_the_contracts_status(self, start_server: Any, key: str, openai_upstream: OpenAIUpstream, tmp_path: Path) -> None:
+        models = tmp_path / "models.toml"
+        models.write_text(
+            f'[models.gpt-x]\nprovider = "openai"\nbase_url = "{openai_upstream.base_url}"\nmax_tokens = 100\n'
+            "max_attempts = 1\nread_timeout = 0.3\n"
+        )
+        server = start_server(MESSAGING_MODELS_FILE=str(models))
+        client = Client(server, key)
+        address = openai_upstream.base_url.split("//")[1].split("/")[0]
+
+        for reply, status, error_type, own_type in self.CASES:
+            openai_upstream.script(reply)
+
+            response = client.http.post("/v1/messages", json={"model": "gpt-x", "messages": [{"role": "user", "content": "hi"}]})
+
+            assert response.status_code == status, response.text
+            error = response.json()["error"]
+            assert error["type"] == error_type
+            message_id = response.headers["x-message-id"]
+            state = client.state(message_id)
+            assert state["status"] == "failed" and state["error"]["type"] == own_type
+            assert state["error"]["message"].startswith('The openai provider for model "gpt-x" ')
+            assert error["message"] == f"Message {message_id} failed ({own_type}): {state['error']['message']}"
+            assert error.get("errors") == ([error["message"]] if status == 400 else None)
+            assert address not in response.text and address not in json.dumps(state)
+            with client.stream(message_id) as stream:
+                assert address not in stream.read().decode()
+        assert address not in server.log() and "127.0.0.1:" + address.split(":")[1] not in server.log()
 
 
 class TestAnthropicSDK:

@@ -781,3 +781,87 @@ class TestWhatAnthropicsSDKSends:
         result = validate(alice, {"messages": [USER], "stop_sequences": ["END", 5]})
 
         assert result["errors"] == ["stop_sequences[1]: must be a string, not number"]
+
+
+# --- Bad input is a 400 that says why, never a 500 ---------------------------------------------
+# The same bodies go to POST /v1/messages in test_stream.py (it needs a real server).
+
+NULL_ITEMS: dict[str, tuple[dict[str, Any], list[str]]] = {
+    "a null tool": ({"messages": [USER], "tools": [None]}, ["tools[0]: must be an object, not null"]),
+    "a null tool after a good one": ({"messages": [USER], "tools": [TOOL, None]}, ["tools[1]: must be an object, not null"]),
+    "a null tool and a tool_choice naming a tool": (
+        {"messages": [USER], "tools": [None], "tool_choice": {"type": "tool", "name": "get_weather"}},
+        ["tools[0]: must be an object, not null"],
+    ),
+    "a null MCP server": ({"messages": [USER], "mcp_servers": [None]}, ["mcp_servers[0]: must be an object, not null"]),
+    "a null MCP server and a tool_call format": (
+        {"messages": [USER], "mcp_servers": [MCP, None], "response_format": {"type": "tool_call", "name": "forecast"}},
+        ["mcp_servers[1]: must be an object, not null"],
+    ),
+    "a null message": ({"messages": [None]}, ["messages[0]: must be an object, not null"]),
+    "a null content block": (blocks(None), ["messages[0].content[0]: must be an object, not null"]),  # type: ignore[arg-type]
+    "a null system block": ({"messages": [USER], "system": [None]}, ["system[0]: must be an object, not null"]),
+    "a null image source": (blocks({"type": "image", "source": None}), ["messages[0].content[0].source: must be an object, not null"]),
+    "a null tool_result block": (
+        tool_turns(tool_result(content=[None])),
+        ["messages[2].content[0].content[0]: must be an object, not null"],
+    ),
+    "a null stop sequence": ({"messages": [USER], "stop_sequences": ["END", None]}, ["stop_sequences[1]: must not be null"]),
+    "a null allowed tool": (
+        {"messages": [USER], "mcp_servers": [{**MCP, "tool_configuration": {"allowed_tools": [None]}}]},
+        ["mcp_servers[0].tool_configuration.allowed_tools[0]: must not be null"],
+    ),
+    "a null tool_configuration": (
+        {"messages": [USER], "mcp_servers": [{**MCP, "tool_configuration": None}]},
+        ["mcp_servers[0].tool_configuration: must be an object, not null"],
+    ),
+}
+
+
+@pytest.mark.parametrize(("body", "errors"), NULL_ITEMS.values(), ids=NULL_ITEMS.keys())
+def test_a_null_where_an_object_or_string_goes_is_an_error_at_its_path(alice: APIClient, body: dict[str, Any], errors: list[str]) -> None:
+    assert validate(alice, body)["errors"] == errors
+    response = alice.post(ASYNC, json.dumps(body), content_type="application/json")
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["errors"] == errors
+    assert MessageJob.objects.count() == 0
+
+
+# (tool_context is the one list whose items may be null: see VALID_BODIES, "tool_context of any items".)
+
+
+# C0 (with CR, LF and TAB), DEL, C1 (NEL) and the Unicode line and paragraph separators. (A NUL
+# anywhere in a body is refused before any field is looked at: test_parsing.py.)
+CONTROL_CHARACTERS = ["\r", "\n", "\r\n", "\t", "\x01", "\x1b", "\x7f", "\x85", "\x9f", "\u2028", "\u2029"]
+
+
+@pytest.mark.parametrize("character", CONTROL_CHARACTERS, ids=[f"U+{ord(c[0]):04X}{'+' if len(c) > 1 else ''}" for c in CONTROL_CHARACTERS])
+def test_it_refuses_a_control_character_in_correlation_id(alice: APIClient, character: str) -> None:
+    body = {"messages": [USER], "correlation_id": f"order{character}42"}
+    errors = [f"correlation_id: must not contain control characters (U+{ord(character[0]):04X} at index 5)"]
+
+    assert validate(alice, body)["errors"] == errors
+    response = alice.post(ASYNC, body, format="json")
+    assert response.status_code == 400
+    assert response.json()["error"]["errors"] == errors
+    assert MessageJob.objects.count() == 0
+
+
+def test_it_accepts_any_printable_text_in_correlation_id(alice: APIClient) -> None:
+    assert validate(alice, {"messages": [USER], "correlation_id": "commande n°42, été — 東京 🌸 %41"})["valid"] is True
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "http://[not-an-address]/", "http://a]b/"])
+def test_a_url_that_cannot_be_parsed_is_an_error_not_a_crash(alice: APIClient, url: str) -> None:
+    body = {
+        "messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "url", "url": url}}]}],
+        "mcp_servers": [{**MCP, "url": url}],
+    }
+
+    result = validate(alice, body)
+
+    assert result["errors"] == [
+        "messages[0].content[0].source.url: must be an http(s) URL",
+        "mcp_servers[0].url: must be an http(s) URL",
+    ]
+    assert alice.post(ASYNC, body, format="json").status_code == 400

@@ -57,12 +57,13 @@ import orjson
 from httpx_sse import ServerSentEvent
 
 from messaging import catalog
+from messaging.headers import header_value
 
 from .base import ModelSpec, Provider, ProviderError
 from .openai import (
     _api_key,
+    _capitalized,
     _Connection,
-    _header_value,
     _stream_with_retries,
     _StreamCut,
     _timeout,
@@ -117,7 +118,7 @@ class AnthropicProvider(Provider):
     ) -> Iterator[dict]:
         options = spec.options
         key = _api_key(spec)
-        upstream = _MessagesUpstream(options.get("base_url") or DEFAULT_BASE_URL, key)
+        upstream = _MessagesUpstream(options.get("base_url") or DEFAULT_BASE_URL, key, spec)
         headers = {
             "Accept": "text/event-stream",
             "Content-Type": "application/json",
@@ -126,7 +127,7 @@ class AnthropicProvider(Provider):
         if key:
             headers["x-api-key"] = key
         if request.get("correlation_id"):
-            headers["X-Correlation-ID"] = _header_value(request["correlation_id"])
+            headers["X-Correlation-ID"] = header_value(request["correlation_id"])
         body = orjson.dumps(messages_body(request, spec))
         timeout = _timeout(options)
         attempts = Attempts(
@@ -229,8 +230,8 @@ def _emulates_json(request: Mapping[str, Any]) -> dict[str, Any] | None:
 
 
 class _MessagesUpstream(_Upstream):
-    def __init__(self, base_url: str, key: str | None):
-        super().__init__(base_url, key)
+    def __init__(self, base_url: str, key: str | None, spec: ModelSpec):
+        super().__init__(base_url, key, spec)
         self.url = base_url.rstrip("/") + "/v1/messages"
 
 
@@ -238,14 +239,14 @@ def _parse_event(data: str, upstream: _Upstream) -> dict[str, Any]:
     try:
         event = json.loads(data)
     except ValueError:
-        raise ProviderError(f"{upstream.host} sent a malformed event (not JSON).") from None
+        raise ProviderError(f"{_capitalized(upstream.name)} sent a malformed event (not JSON).") from None
     if not isinstance(event, dict) or not isinstance(event.get("type"), str):
-        raise ProviderError(f"{upstream.host} sent a malformed event (not an object with a type).")
+        raise ProviderError(f"{_capitalized(upstream.name)} sent a malformed event (not an object with a type).")
     if event["type"] == "error":
         error = event.get("error") if isinstance(event.get("error"), dict) else {}
         kind = error.get("type") if isinstance(error.get("type"), str) else "api_error"
         message = upstream.scrub(str(error.get("message") or kind))
-        text = f"{upstream.host} reported an error in the stream: {message}"
+        text = f"{_capitalized(upstream.name)} reported an error in the stream: {message}"
         if kind in _RESTARTING_ERRORS:
             raise _StreamCut(text, error_type=kind)
         raise ProviderError(text, error_type=kind if kind in _KNOWN_ERROR_TYPES else "api_error")

@@ -14,10 +14,11 @@ import math
 import re
 import threading
 from collections.abc import Iterator
+from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote
 
-from jsonschema import Draft202012Validator
+from messaging import patterns
 
 from .base import ModelSpec, Provider
 
@@ -30,6 +31,16 @@ NOTHING_TO_ECHO = "(nothing to echo)"
 
 _WORD = re.compile(r"\S+\s*")
 _JSON_CHUNKS = 4
+# A chunk of generated JSON counts as one output token and holds at most this many characters,
+# so whatever a schema asks for (minLength, minItems, nesting), the JSON is at most
+# max_tokens * _TOKEN_CHARS long; past that it is cut, as a real model's answer would be.
+_TOKEN_CHARS = 64
+_DEFAULT_LIMIT = 1024 * _TOKEN_CHARS
+# The longest string made up for a `pattern` (RE2 caps each repetition at 1000, not their sum).
+_PATTERN_EXAMPLE_CHARS = 10_000
+# Steps (see messaging.patterns.Budget) for building one instance, beyond one per character:
+# anyOf branches tried and checked, $refs followed. About a second at most.
+_WORK_STEPS = 100_000
 _CHARS_PER_TOKEN = 4
 # Without decoding an image its real size is unknown; this is about what a full-size image costs
 # on Anthropic, so the estimate errs high rather than low.
@@ -86,19 +97,20 @@ class EchoProvider(Provider):
         if remaining <= 0:
             stop_reason = "max_tokens"
         elif tool is not None:
-            tool_input = example_for_schema(tool.get("input_schema") or {})
+            tool_input = example_for_schema(tool.get("input_schema") or {}, limit=remaining * _TOKEN_CHARS)
             if not isinstance(tool_input, dict):
                 tool_input = {}
-            chunks = _json_chunks(tool_input, remaining)
+            chunks, complete = _json_chunks(tool_input, remaining)
             yield from _tool_use_block(index, _tool_use_id(message_id, index), tool["name"], chunks, pause)
             used += len(chunks)
-            stop_reason = "tool_use"
+            stop_reason = "tool_use" if complete else "max_tokens"
         elif json_format is not None:
-            document = example_for_schema(json_format.get("schema") or {}, prefer_text=text)
-            chunks = _json_chunks(document, remaining)
+            schema = json_format.get("schema") or {}
+            document = example_for_schema(schema, prefer_text=text, limit=remaining * _TOKEN_CHARS)
+            chunks, complete = _json_chunks(document, remaining)
             yield from _text_block(index, chunks, pause)
             used += len(chunks)
-            stop_reason = "end_turn"
+            stop_reason = "end_turn" if complete else "max_tokens"
         else:
             text, stop_sequence = _cut_at_stop_sequence(text, request.get("stop_sequences") or [])
             words = _words(text)
@@ -140,13 +152,15 @@ def estimate_tokens(request: dict) -> int:
     return max(1, math.ceil(chars / _CHARS_PER_TOKEN) + images * _IMAGE_TOKENS)
 
 
-def example_for_schema(schema: dict | bool, *, prefer_text: str | None = None) -> Any:
+def example_for_schema(schema: dict | bool, *, prefer_text: str | None = None, limit: int = _DEFAULT_LIMIT) -> Any:
     """A deterministic instance that satisfies `schema` (the JSON Schema subset tool schemas use).
 
     `prefer_text`, when given, becomes the value of the first free-form string in the instance.
     Contradictory or unsupported schemas still get a best-effort value rather than an error.
+    Building stops once the instance's compact JSON would pass `limit` characters: the JSON of
+    an instance cut short that way is longer than `limit`, and the caller cuts it there.
     """
-    return _Example(schema, prefer_text).build(schema, 0)
+    return _Example(schema, prefer_text, limit).build(schema, 0)
 
 
 # --- streaming helpers -----------------------------------------------------------------------
@@ -216,12 +230,20 @@ def _tool_use_id(message_id: str, index: int) -> str:
     return "toolu_" + hashlib.sha256(f"{message_id}:{index}".encode()).hexdigest()[:24]
 
 
-def _json_chunks(value: Any, budget: int) -> list[str]:
-    # Each chunk counts as one output token. JSON is never cut: it is split into at most `budget`
-    # chunks instead (budget >= 1 here), so a complete document always fits within max_tokens.
+def _json_chunks(value: Any, budget: int) -> tuple[list[str], bool]:
+    """`value`'s JSON in at most `budget` chunks (budget >= 1), and whether all of it fits.
+
+    Each chunk counts as one output token and holds at most _TOKEN_CHARS characters; a short
+    document comes in up to _JSON_CHUNKS chunks, so it is never cut by a small max_tokens. A
+    document longer than `budget` chunks is cut after the last one that fits.
+    """
     text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
-    size = math.ceil(len(text) / max(1, min(_JSON_CHUNKS, budget)))
-    return [text[start : start + size] for start in range(0, len(text), size)]
+    room = budget * _TOKEN_CHARS
+    complete = len(text) <= room
+    text = text[:room]
+    count = max(min(_JSON_CHUNKS, budget), math.ceil(len(text) / _TOKEN_CHARS))
+    size = math.ceil(len(text) / count)
+    return [text[start : start + size] for start in range(0, len(text), size)], complete
 
 
 def _thinking_block(index: int, words: list[str], pause: _Pacer) -> Iterator[dict]:
@@ -364,25 +386,57 @@ _NUMBER_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"
 
 
 class _Example:
-    def __init__(self, root: dict | bool, prefer_text: str | None):
+    """Builds one instance within two bounds: `room`, the characters its JSON may still take
+    (each value counts a lower bound of its JSON's length), and `work`, the steps building and
+    checking candidates may take (a few `$ref`s make a small schema exponentially large).
+    Past either, every value still to build is null and loops stop: the caller cuts the JSON."""
+
+    def __init__(self, root: dict | bool, prefer_text: str | None, limit: int):
         self.root = root
         self.text = prefer_text
-        self._validator: Draft202012Validator | None = None
+        self.room = limit
+        # Plain values cost about a step per character of JSON, so the room runs out first.
+        self.work = patterns.Budget(_WORK_STEPS + limit)
+        self.checker = patterns.SchemaChecker(root, self.work)
+
+    @property
+    def full(self) -> bool:
+        return self.room < 0 or self.work.exhausted
+
+    def take(self, value: Any) -> Any:
+        """`value`, counted against the room left."""
+        self.room -= max(1, _size(value))
+        return value
+
+    def step(self, steps: int) -> bool:
+        """Counts work; False once there is none left."""
+        try:
+            self.work.spend(steps)
+        except patterns.Unchecked:
+            return False
+        return True
 
     def build(self, schema: Any, depth: int) -> Any:
+        if self.full or not self.step(1):
+            return None  # the JSON is cut before this value anyway
         if not isinstance(schema, dict) or depth > _MAX_DEPTH:
-            return None  # `true` accepts anything; `false` and runaway recursion have no good answer
+            return self.take(None)  # `true` accepts anything; `false` and runaway recursion have no good answer
         schema = self.resolve(schema)
+        if not self.step(len(schema)):
+            return None
         if "const" in schema:
-            return schema["const"]
+            return self.take(schema["const"])
         if schema.get("enum"):
-            return schema["enum"][0]
+            return self.take(schema["enum"][0])
         if "default" in schema and self.is_valid(schema["default"], schema):
-            return schema["default"]
+            return self.take(schema["default"])
         if isinstance(schema.get("allOf"), list):
             merged = {key: value for key, value in schema.items() if key != "allOf"}
             for part in schema["allOf"]:
-                merged = _merge(merged, self.resolve(part) if isinstance(part, dict) else part)
+                part = self.resolve(part) if isinstance(part, dict) else part
+                if not self.step(len(part) + len(part.get("properties") or ()) if isinstance(part, dict) else 1):
+                    return None
+                merged = _merge(merged, part)
             return self.build(merged, depth + 1)
         for keyword in ("anyOf", "oneOf"):
             if isinstance(schema.get(keyword), list) and schema[keyword]:
@@ -396,10 +450,10 @@ class _Example:
         if kind == "string":
             return self.build_string(schema)
         if kind in ("integer", "number"):
-            return _number(schema, integer=kind == "integer")
+            return self.take(_number(schema, integer=kind == "integer"))
         if kind == "boolean":
-            return True
-        return None
+            return self.take(True)
+        return self.take(None)
 
     def build_choice(self, schema: dict, keyword: str, depth: int) -> Any:
         rest = {key: value for key, value in schema.items() if key != keyword}
@@ -407,44 +461,54 @@ class _Example:
         for position, branch in enumerate(schema[keyword]):
             if branch is False:
                 continue
-            text = self.text
+            text, room = self.text, self.room
             if isinstance(branch, dict):
                 branch = self.resolve(branch)
             candidate = self.build(_merge(rest, branch), depth + 1)
-            if self.is_valid(candidate, schema):
+            if self.full or self.is_valid(candidate, schema):
                 return candidate
             if position == 0:
                 first = candidate
-            self.text = text  # an abandoned branch must not use up the preferred text
-        return first
+            # An abandoned branch must not use up the preferred text, nor room in the JSON.
+            self.text, self.room = text, room
+        return self.take(first)
 
     def build_object(self, schema: dict, depth: int) -> dict:
         properties = schema.get("properties") or {}
         result: dict[str, Any] = {}
+        self.room -= 2
         for name in schema.get("required") or ():
-            if name not in result:
-                result[name] = self.build(self.property_schema(schema, name), depth + 1)
-        wanted = schema.get("minProperties", 0)
-        for name in properties:
-            if len(result) >= wanted:
+            if self.full:
                 break
             if name not in result:
-                result[name] = self.build(properties[name], depth + 1)
+                result[self.key(name, not result)] = self.build(self.property_schema(schema, name), depth + 1)
+        wanted = schema.get("minProperties", 0)
+        for name in properties:
+            if len(result) >= wanted or self.full:
+                break
+            if name not in result:
+                result[self.key(name, not result)] = self.build(properties[name], depth + 1)
         additional = schema.get("additionalProperties", True)
         number = 0
-        while len(result) < wanted and additional is not False:
+        while len(result) < wanted and additional is not False and not self.full:
             number += 1
             name = f"key{number}"
             if name not in result:
-                result[name] = self.build(self.property_schema(schema, name), depth + 1)
+                result[self.key(name, not result)] = self.build(self.property_schema(schema, name), depth + 1)
         return result
+
+    def key(self, name: str, first: bool) -> str:
+        self.room -= len(name) + 3 + (not first)  # ,"name":
+        return name
 
     def property_schema(self, schema: dict, name: str) -> Any:
         properties = schema.get("properties") or {}
         if name in properties:
             return properties[name]
-        for pattern, sub in (schema.get("patternProperties") or {}).items():
-            if re.search(pattern, name):
+        pattern_properties = schema.get("patternProperties") or {}
+        self.step(len(pattern_properties))
+        for pattern, sub in pattern_properties.items():
+            if _matches(pattern, name):
                 return sub
         additional = schema.get("additionalProperties", True)
         return additional if isinstance(additional, dict) else {}
@@ -452,16 +516,24 @@ class _Example:
     def build_array(self, schema: dict, depth: int) -> list:
         prefix = schema.get("prefixItems") or []
         items = schema.get("items")
-        result = [self.build(sub, depth + 1) for sub in prefix]
+        self.room -= 1
+        result = []
+        for sub in prefix:
+            self.room -= 1  # [ or ,
+            result.append(self.build(sub, depth + 1))
         # Only as many items as required: an optional item would recurse forever in tree schemas.
         count = max(schema.get("minItems", 0), len(result))
         if schema.get("maxItems") is not None:
             count = min(count, schema["maxItems"])
         item_schema = items if isinstance(items, dict) else {}
-        while len(result) < count:
+        seen = {patterns.canonical(value) for value in result} if schema.get("uniqueItems") else None
+        while len(result) < count and not self.full:
+            self.room -= 1
             value = self.build(item_schema, depth + 1)
-            if schema.get("uniqueItems") and value in result:
-                value = self.distinct(value, len(result), item_schema, result)
+            if seen is not None:
+                if patterns.canonical(value) in seen:
+                    value = self.distinct(value, len(result), item_schema, seen)
+                seen.add(patterns.canonical(value))
             result.append(value)
         del result[count:]
         contains = schema.get("contains")
@@ -469,7 +541,7 @@ class _Example:
             result.append(self.build(contains, depth + 1))
         return result
 
-    def distinct(self, value: Any, position: int, item_schema: Any, taken: list) -> Any:
+    def distinct(self, value: Any, position: int, item_schema: Any, taken: set[Any]) -> Any:
         """Another valid item than `value`, for uniqueItems; `value` itself if none comes to mind."""
         resolved = self.resolve(item_schema) if isinstance(item_schema, dict) else {}
         candidates: list[Any] = list(resolved.get("enum") or ())
@@ -480,7 +552,9 @@ class _Example:
         elif isinstance(value, str):
             candidates += [f"{value}{position}", value[:-position] if position < len(value) else ""]
         for candidate in candidates:
-            if candidate not in taken and self.is_valid(candidate, item_schema):
+            if not self.step(1):
+                break
+            if patterns.canonical(candidate) not in taken and self.is_valid(candidate, item_schema):
                 return candidate
         return value
 
@@ -493,24 +567,31 @@ class _Example:
 
         pattern = schema.get("pattern")
         if isinstance(pattern, str):
+            self.step(1 + len(pattern) // 16)
             for candidate in (_string_for_pattern(pattern), "example", "a", "0", ""):
                 if candidate is not None and fits(candidate) and _matches(pattern, candidate):
-                    return candidate
+                    return self.take_string(candidate)
         if schema.get("format") in _FORMATS:
             text = _FORMATS[schema["format"]]
         elif self.text is not None:
             text, self.text = self.text, None
         else:
             text = "example"
-        if len(text) < shortest:
-            text += "x" * (shortest - len(text))
-        return text if longest is None else text[:longest]
+        # Characters past the room left would be cut from the JSON anyway: never made.
+        text = text[: self.room + 1]
+        if isinstance(shortest, int) and len(text) < shortest:
+            text += "x" * (min(shortest, self.room + 1) - len(text))
+        return self.take_string(text if longest is None else text[:longest])
+
+    def take_string(self, text: str) -> str:
+        self.room -= len(text) + 2
+        return text
 
     def resolve(self, schema: dict) -> dict:
         """`schema` with its `$ref` (and the refs it leads to) merged in; siblings win."""
         for _ in range(_MAX_DEPTH):
             ref = schema.get("$ref")
-            if not isinstance(ref, str):
+            if not isinstance(ref, str) or not self.step(1 + len(schema)):
                 return schema
             rest = {key: value for key, value in schema.items() if key != "$ref"}
             target = self.lookup(ref)
@@ -533,11 +614,9 @@ class _Example:
         return node
 
     def is_valid(self, instance: Any, schema: Any) -> bool:
-        if self._validator is None:
-            self._validator = Draft202012Validator(self.root if isinstance(self.root, dict) else {})
         try:
-            return self._validator.evolve(schema=schema).is_valid(instance)
-        except Exception:  # an unresolvable $ref or a malformed schema: don't vouch for the value
+            return self.checker.is_valid(instance, schema)
+        except Exception:  # a malformed part of the schema: don't vouch for the value
             return False
 
 
@@ -638,8 +717,8 @@ def _bound(schema: dict, inclusive: str, exclusive: str, *, lower: bool) -> tupl
 
 def _matches(pattern: str, text: str) -> bool:
     try:
-        return re.search(pattern, text) is not None
-    except re.error:
+        return patterns.search(pattern, text)
+    except patterns.UnsupportedPattern:
         return False
 
 
@@ -661,12 +740,17 @@ _CATEGORY_REGEX = {
 }
 
 
+@lru_cache(maxsize=128)
 def _string_for_pattern(pattern: str) -> str | None:
     """A short string matching `pattern`, or None when the pattern uses something unsupported.
 
-    Walks Python's own regex parse tree, taking the first alternative and the fewest repetitions.
-    The parser is private API, so any surprise just means "no example" and the caller falls back.
+    Walks Python's own regex parse tree (parsed only: the pattern is never run by `re`), taking
+    the first alternative and the fewest repetitions, at most _PATTERN_EXAMPLE_CHARS long; RE2
+    confirms the result. The parser is private API, so any surprise just means "no example" and
+    the caller falls back.
     """
+    if len(pattern) > patterns.MAX_PATTERN_LENGTH:
+        return None
     try:
         text = _emit(_regex_parser.parse(pattern), {})
     except Exception:
@@ -676,7 +760,10 @@ def _string_for_pattern(pattern: str) -> str | None:
 
 def _emit(items: Any, groups: dict[int, str]) -> str:
     out = []
+    length = 0
     for op, arg in items:
+        if length > _PATTERN_EXAMPLE_CHARS:
+            raise ValueError("the shortest match is too long to make up")
         name = str(op)
         if name == "LITERAL":
             out.append(chr(arg))
@@ -688,7 +775,10 @@ def _emit(items: Any, groups: dict[int, str]) -> str:
             out.append(_class_char(arg))
         elif name in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
             fewest, _most, sub = arg
-            out.append(_emit(sub, groups) * fewest)
+            piece = _emit(sub, groups) if fewest else ""
+            if len(piece) * fewest > _PATTERN_EXAMPLE_CHARS:
+                raise ValueError("the shortest match is too long to make up")
+            out.append(piece * fewest)
         elif name == "SUBPATTERN":
             group, _add_flags, _del_flags, sub = arg
             text = _emit(sub, groups)
@@ -702,9 +792,12 @@ def _emit(items: Any, groups: dict[int, str]) -> str:
         elif name == "GROUPREF":
             out.append(groups.get(arg, ""))
         elif name in ("AT", "ASSERT", "ASSERT_NOT"):
-            continue  # zero-width; the final re.search check catches lookarounds we ignored
+            continue  # zero-width; the final RE2 check catches anchors we ignored
         else:
             raise ValueError(f"unsupported regex construct {name}")
+        length += len(out[-1])
+    if length > _PATTERN_EXAMPLE_CHARS:
+        raise ValueError("the shortest match is too long to make up")
     return "".join(out)
 
 

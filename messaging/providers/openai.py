@@ -54,13 +54,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 import httpx
 import orjson
 from httpx_sse import EventSource, ServerSentEvent
 
 from messaging import catalog
+from messaging.headers import header_value
 
 from .base import ModelSpec, Provider, ProviderError
 from .retry import RETRYABLE_STATUSES, Attempts, RetryPolicy, retry_after_seconds
@@ -126,12 +127,12 @@ class OpenAIProvider(Provider):
     ) -> Iterator[dict]:
         options = spec.options
         key = _api_key(spec)
-        upstream = _Upstream(options.get("base_url") or "", key)
+        upstream = _Upstream(options.get("base_url") or "", key, spec)
         headers = {"Accept": "text/event-stream", "Content-Type": "application/json"}
         if key:
             headers["Authorization"] = f"Bearer {key}"
         if request.get("correlation_id"):
-            headers["X-Correlation-ID"] = _header_value(request["correlation_id"])
+            headers["X-Correlation-ID"] = header_value(request["correlation_id"])
         body = orjson.dumps(chat_completions_body(request, spec))
         timeout = _timeout(options)
         attempts = Attempts(
@@ -380,11 +381,6 @@ def _api_key(spec: ModelSpec) -> str | None:
     return key or None
 
 
-def _header_value(value: str) -> str:
-    # Headers are ASCII without control characters; anything else is percent-encoded.
-    return quote(value, safe="".join(chr(code) for code in range(0x20, 0x7F) if chr(code) != "%"))
-
-
 # --- the response ----------------------------------------------------------------------------
 
 
@@ -398,15 +394,21 @@ class _StreamCut(Exception):
 
 
 class _Upstream:
-    def __init__(self, base_url: str, key: str | None):
+    def __init__(self, base_url: str, key: str | None, spec: ModelSpec):
         self.url = base_url.rstrip("/") + "/chat/completions"
-        # Never the whole URL in a message: it may carry credentials of its own.
-        self.host = _host(base_url)
+        # Messages name the provider and the model, never where it is: a failure is stored,
+        # streamed to clients and logged, and the base URL is the operator's (an internal host,
+        # a port, credentials of its own).
+        self.name = f'the {spec.provider} provider for model "{spec.id}"'
         self.key = key
+        self._places = _places(base_url)
 
     def scrub(self, text: str) -> str:
+        """Upstream text without our key or the upstream's address (its own messages repeat it)."""
         if self.key:
             text = text.replace(self.key, "[redacted]")
+        for place in self._places:
+            text = text.replace(place, "[model server]")
         return text
 
     def status_error(self, response: httpx.Response, attempt: int) -> ProviderError:
@@ -414,20 +416,19 @@ class _Upstream:
         detail = self.scrub(_error_message(response))
         retryable = status in RETRYABLE_STATUSES
         where = f" ({attempt} {'attempt' if attempt == 1 else 'attempts'})" if retryable else ""
-        message = f"{self.host} answered {status}{where}: {detail}" if detail else f"{self.host} answered {status}{where}."
+        message = f"{_capitalized(self.name)} answered {status}{where}: {detail}" if detail else f"{_capitalized(self.name)} answered {status}{where}."
         error_type = _ERROR_TYPES.get(status, "api_error")
         return ProviderError(message, error_type=error_type, retryable=retryable)
 
 
-def _host(url: str) -> str:
+def _places(url: str) -> list[str]:
+    """The ways text may name the upstream: its URL, host and port, host; longest first."""
     try:
         parts = urlsplit(url)
-        port = parts.port
+        places = [url.rstrip("/"), f"{parts.scheme}://{parts.netloc}", parts.netloc, parts.hostname or ""]
     except ValueError:
-        return "the model server"
-    if not parts.hostname:
-        return "the model server"
-    return f"{parts.hostname}:{port}" if port else parts.hostname
+        places = [url]
+    return sorted({place for place in places if len(place) > 3}, key=len, reverse=True)
 
 
 def _error_message(response: httpx.Response) -> str:
@@ -473,17 +474,17 @@ def _parse_chunk(data: str, upstream: _Upstream) -> dict[str, Any]:
     try:
         chunk = json.loads(data)
     except ValueError:
-        raise ProviderError(f"{upstream.host} sent a malformed chunk (not JSON).") from None
+        raise ProviderError(f"{_capitalized(upstream.name)} sent a malformed chunk (not JSON).") from None
     if not isinstance(chunk, dict):
-        raise ProviderError(f"{upstream.host} sent a malformed chunk (not an object).")
+        raise ProviderError(f"{_capitalized(upstream.name)} sent a malformed chunk (not an object).")
     error = chunk.get("error")
     if error:
         message = upstream.scrub(_message_in(chunk))
         code = error.get("code") if isinstance(error, dict) else None
         kind = error.get("type") if isinstance(error, dict) else None
         if code in RETRYABLE_STATUSES or kind in ("server_error", "overloaded_error"):
-            raise _StreamCut(f"{upstream.host} reported an error in the stream: {message}")
-        raise ProviderError(f"{upstream.host} reported an error in the stream: {message}")
+            raise _StreamCut(f"{_capitalized(upstream.name)} reported an error in the stream: {message}")
+        raise ProviderError(f"{_capitalized(upstream.name)} reported an error in the stream: {message}")
     return chunk
 
 
@@ -538,7 +539,7 @@ def _stream_with_retries(
                     raise error
                 content_type = response.headers.get("content-type", "").partition(";")[0].strip()
                 if content_type != "text/event-stream":
-                    raise ProviderError(f"{upstream.host} answered with {content_type or 'no content type'} instead of an event stream.")
+                    raise ProviderError(f"{_capitalized(upstream.name)} answered with {content_type or 'no content type'} instead of an event stream.")
                 answer = new_answer()
                 yield from answer.begin()
                 for sse in EventSource(response).iter_sse():
@@ -563,11 +564,12 @@ def _stream_with_retries(
         except _StreamCut as cut:
             problem, error_type = upstream.scrub(cut.message), cut.error_type
         except httpx.TimeoutException as exc:
-            problem, error_type = f"{upstream.host} did not answer within its timeout ({type(exc).__name__})", "timeout_error"
+            problem, error_type = f"{upstream.name} did not answer within its timeout ({type(exc).__name__})", "timeout_error"
         except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
-            raise ProviderError(f"Cannot call {upstream.host}: {upstream.scrub(str(exc))}") from None
+            # The exception's text quotes the URL.
+            raise ProviderError(f"Cannot call {upstream.name}: its base_url cannot be used ({type(exc).__name__}).") from None
         except httpx.RequestError as exc:
-            problem = f"the connection to {upstream.host} failed: {upstream.scrub(str(exc)) or type(exc).__name__}"
+            problem = f"the connection to {upstream.name} failed: {upstream.scrub(str(exc)) or type(exc).__name__}"
             error_type = "api_error"
         except Exception:
             if cancelled.is_set():
