@@ -1,10 +1,14 @@
-"""drf-spectacular extensions: how the API key authentication appears in the OpenAPI schema."""
+"""drf-spectacular extensions: how the API key authentication, the request's polymorphic
+fields (content blocks, the system prompt) and the event streams appear in the OpenAPI schema."""
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
-from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.extensions import OpenApiAuthenticationExtension, OpenApiSerializerFieldExtension
+from drf_spectacular.plumbing import get_lib_doc_excludes
+from drf_spectacular.utils import PolymorphicProxySerializer
 
 
 class APIKeyAuthenticationScheme(OpenApiAuthenticationExtension):
@@ -20,6 +24,104 @@ class APIKeyAuthenticationScheme(OpenApiAuthenticationExtension):
             {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"},
             {"type": "apiKey", "in": "header", "name": "x-api-key", "description": "x-api-key: <key>"},
         ]
+
+
+# --- Content blocks and the system prompt --------------------------------------------------------
+# These fields accept a string or an array of blocks, which no serializer expresses. Each block
+# shape is its own component (TextBlockRequest, ...), and an array of blocks is a `oneOf` of them
+# with a discriminator whose mapping is explicit, which openapi-python-client and
+# openapi-typescript turn into a tagged union.
+
+
+@cache
+def _block_union(component_name: str, kinds: tuple[str, ...]) -> PolymorphicProxySerializer:
+    # One instance per union: drf-spectacular tells components apart by identity.
+    from messaging.serializers import BLOCK_SERIALIZERS
+
+    return PolymorphicProxySerializer(
+        component_name=component_name,
+        # Classes, not the shared instances validation uses: the extension sets attributes on them.
+        serializers={kind: type(BLOCK_SERIALIZERS[kind]) for kind in kinds},
+        resource_type_field_name="type",
+    )
+
+
+def _string_or_blocks(auto_schema: Any, direction: str, union: PolymorphicProxySerializer, *, non_empty: bool) -> dict[str, Any]:
+    blocks = auto_schema.resolve_serializer(union, direction).ref
+    string: dict[str, Any] = {"type": "string"}
+    array: dict[str, Any] = {"type": "array", "items": blocks}
+    if non_empty:
+        string["minLength"] = 1
+        array["minItems"] = 1
+    return {"oneOf": [string, array]}
+
+
+class ContentFieldSchema(OpenApiSerializerFieldExtension):
+    target_class = "messaging.serializers.ContentField"
+
+    def map_serializer_field(self, auto_schema: Any, direction: str) -> dict[str, Any]:
+        from messaging.serializers import CONTENT_BLOCK_TYPES
+
+        union = _block_union("ContentBlock", CONTENT_BLOCK_TYPES)
+        return {
+            **_string_or_blocks(auto_schema, direction, union, non_empty=True),
+            "description": "A non-empty string (one text block), or a non-empty array of content blocks.",
+        }
+
+
+class ToolResultContentFieldSchema(OpenApiSerializerFieldExtension):
+    target_class = "messaging.serializers.ToolResultContentField"
+
+    def map_serializer_field(self, auto_schema: Any, direction: str) -> dict[str, Any]:
+        union = _block_union("ToolResultContentBlock", ("text", "image"))
+        return {
+            **_string_or_blocks(auto_schema, direction, union, non_empty=False),
+            "description": "The tool's output: a string, or an array of text and image blocks.",
+        }
+
+
+class SystemFieldSchema(OpenApiSerializerFieldExtension):
+    target_class = "messaging.serializers.SystemField"
+
+    def map_serializer_field(self, auto_schema: Any, direction: str) -> dict[str, Any]:
+        from messaging.serializers import BLOCK_SERIALIZERS, SystemSerializer
+
+        text_block = type(BLOCK_SERIALIZERS["text"])
+        return {
+            "oneOf": [
+                {"type": "string"},
+                auto_schema.resolve_serializer(SystemSerializer, direction).ref,
+                {"type": "array", "items": auto_schema.resolve_serializer(text_block, direction).ref},
+            ],
+            "description": "The system prompt: `{prompt, citations?}`, a plain string, or (as Anthropic's "
+            "SDKs send it) an array of text blocks, joined with blank lines.",
+        }
+
+
+class FreeJSONFieldSchema(OpenApiSerializerFieldExtension):
+    target_class = "messaging.serializers.FreeJSONField"
+
+    def map_serializer_field(self, auto_schema: Any, direction: str) -> dict[str, Any]:
+        # Any JSON value, unless the field takes objects only (tool inputs, JSON Schemas, metadata).
+        return {"type": "object", "additionalProperties": {}} if self.target.object_only else {}
+
+
+class StrictFloatFieldSchema(OpenApiSerializerFieldExtension):
+    target_class = "messaging.serializers.StrictFloatField"
+
+    def map_serializer_field(self, auto_schema: Any, direction: str) -> dict[str, Any]:
+        schema: dict[str, Any] = auto_schema._map_serializer_field(self.target, direction, bypass_extensions=True)
+        if self.target.above is not None:  # "above 0": OpenAPI 3.0's exclusive minimum
+            schema.update(minimum=self.target.above, exclusiveMinimum=True)
+        return schema
+
+
+def lib_doc_excludes() -> list[type]:
+    """drf-spectacular's GET_LIB_DOC_EXCLUDES: a component's description is its own serializer's
+    docstring, never the one our base classes share ("Refuses a non-object with a sentence...")."""
+    from messaging.serializers import PlainMessages, Serializer
+
+    return [*get_lib_doc_excludes(), Serializer, PlainMessages]
 
 
 # --- The async views (messaging.streaming), which DRF cannot host ---------------------------------
@@ -54,25 +156,51 @@ _SSE_EXAMPLE = (
 )
 
 
+@cache
+def _server_sent_event() -> Any:
+    # The schema of a text/event-stream response describes each of its events, as OpenAPI 3.2's
+    # `itemSchema` does and as Schemathesis checks a stream; one class, or drf-spectacular
+    # would see two components of one name.
+    from drf_spectacular.utils import inline_serializer
+    from rest_framework import serializers
+
+    return inline_serializer(
+        "ServerSentEvent",
+        fields={
+            "id": serializers.CharField(
+                required=False,
+                help_text="The event's sequence number (1, 2, 3…): resume after it with `Last-Event-ID`. "
+                "Absent on Anthropic's `ping` events.",
+            ),
+            "event": serializers.CharField(help_text="The event's type, the same as `type` in its data."),
+            "data": serializers.CharField(help_text="The event as JSON, with `type` and `sequence_number`."),
+        },
+    )
+
+
 def _sse_response(description: str) -> Any:
-    from drf_spectacular.types import OpenApiTypes
     from drf_spectacular.utils import OpenApiExample, OpenApiResponse
 
+    delta = '{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello"},"sequence_number":5}'
     return OpenApiResponse(
-        OpenApiTypes.STR,
-        description=description,
-        examples=[OpenApiExample("A completed message", value=_SSE_EXAMPLE, response_only=True)],
+        _server_sent_event(),
+        description=f"{description} A completed message's stream:\n\n```\n{_SSE_EXAMPLE}```",
+        examples=[
+            OpenApiExample("An event", value={"id": "5", "event": "content_block_delta", "data": delta}, response_only=True)
+        ],
     )
 
 
 def _documentation_views() -> list[tuple[str, str, str, Any]]:
-    from drf_spectacular.types import OpenApiTypes
     from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
     from rest_framework.views import APIView
 
     from messaging import docs
     from messaging.serializers import MessageRequestSerializer, ResultSerializer
+    from messaging.streaming import MAX_SEQUENCE
     from messaging.views import MessageListView
+
+    sequence = {"type": "integer", "minimum": 0, "maximum": MAX_SEQUENCE}
 
     class StreamMessage(APIView):
         @extend_schema(
@@ -82,9 +210,9 @@ def _documentation_views() -> list[tuple[str, str, str, Any]]:
             "terminal `status` event. Resume with `Last-Event-ID: N` or `?starting_after=N` to get "
             "exactly the events after N. " + _SSE_DESCRIPTION,
             parameters=[
-                OpenApiParameter("starting_after", int, description="Only events after this sequence number."),
+                OpenApiParameter("starting_after", sequence, description="Only events after this sequence number."),
                 OpenApiParameter(
-                    "Last-Event-ID", int, OpenApiParameter.HEADER,
+                    "Last-Event-ID", sequence, OpenApiParameter.HEADER,
                     description="Sent by a reconnecting EventSource; wins over starting_after.",
                 ),
             ],
@@ -115,11 +243,8 @@ def _documentation_views() -> list[tuple[str, str, str, Any]]:
             responses={
                 (200, "application/json"): OpenApiResponse(ResultSerializer, description="The completed message."),
                 (200, "text/event-stream"): _sse_response("With `stream: true`: the message's events."),
-                400: docs.ERROR_RESPONSES[400],
-                409: OpenApiResponse(docs.ErrorSerializer, description="The message was cancelled (by staff) before it finished."),
                 **docs.ERRORS_AUTH_PARSE_NO_400,
-                500: OpenApiResponse(docs.ErrorSerializer, description="The message failed; `error.type` says why (e.g. `timeout_error`)."),
-                503: docs.ERROR_RESPONSES[503],
+                **docs.CREATE_MESSAGE_ERRORS,
             },
             examples=docs.ASYNC_EXAMPLES[:1],
             tags=["messages"],

@@ -346,10 +346,15 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     # Streams and the synchronous endpoint are async views DRF cannot host; documented here.
     "PREPROCESSING_HOOKS": ["messaging.schema.add_async_views"],
+    # A component's description is its own serializer's docstring, not a shared base class's.
+    "GET_LIB_DOC_EXCLUDES": "messaging.schema.lib_doc_excludes",
     "ENUM_NAME_OVERRIDES": {
         "MessageStatusEnum": "messaging.models.Status",
         "RoleEnum": ["user", "assistant"],
+        "ImageMediaTypeEnum": "messaging.serializers.ImageSourceSerializer.IMAGE_TYPES",
     },
+    # Our choices' labels are their values: "* `text` - text" would only be noise.
+    "ENUM_GENERATE_CHOICE_DESCRIPTION": False,
 }
 
 # --- Static files, auth, logging -------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,102 @@ def test_the_schema_validates_without_warnings(tmp_path: Path) -> None:
     call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(tmp_path / "schema.yaml"))
 
     assert yaml.safe_load((tmp_path / "schema.yaml").read_text())["openapi"].startswith("3.")
+
+
+def _refs(node: Any, where: str = "#") -> Iterator[tuple[str, str]]:
+    """Every `$ref` in the schema, with the JSON pointer of the object that holds it."""
+    if isinstance(node, dict):
+        if isinstance(node.get("$ref"), str):
+            yield where, node["$ref"]
+        for key, value in node.items():
+            yield from _refs(value, f"{where}/{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _refs(value, f"{where}/{index}")
+
+
+def _resolve(schema: dict[str, Any], ref: str) -> Any:
+    assert ref.startswith("#/"), f"{ref} is not a local reference"
+    node: Any = schema
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def test_every_reference_in_the_schema_resolves(schema: dict[str, Any]) -> None:
+    # An unresolved $ref makes fuzzers send no body and client generators drop the operation.
+    dangling = [(where, ref) for where, ref in _refs(schema) if _resolve(schema, ref) is None]
+
+    assert dangling == []
+
+
+def _union_of(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
+    """The `oneOf` with a discriminator inside `node` (a property, or an array of it)."""
+    for option in node.get("oneOf", [node]):
+        items = option.get("items", option) if option.get("type") == "array" else option
+        if "$ref" in items:
+            items = _resolve(schema, items["$ref"])
+        if "discriminator" in items:
+            return items  # type: ignore[no-any-return]
+    raise AssertionError(f"no discriminated union in {node}")
+
+
+@pytest.mark.parametrize(
+    ("component", "field", "kinds"),
+    [
+        ("MessageRequest", "content", ["text", "image", "tool_use", "tool_result", "thinking"]),
+        ("ToolResultBlockRequest", "content", ["text", "image"]),
+    ],
+)
+def test_content_blocks_are_a_discriminated_union_of_named_components(
+    schema: dict[str, Any], component: str, field: str, kinds: list[str]
+) -> None:
+    union = _union_of(schema, schema["components"]["schemas"][component]["properties"][field])
+    mapping = union["discriminator"]["mapping"]
+
+    assert union["discriminator"]["propertyName"] == "type"
+    assert list(mapping) == kinds
+    assert [option["$ref"] for option in union["oneOf"]] == list(mapping.values())
+    for kind, ref in mapping.items():
+        block = _resolve(schema, ref)
+        assert "type" in block["required"], ref
+        assert _resolve(schema, block["properties"]["type"]["$ref"])["enum"] == [kind], ref
+
+
+def test_the_system_prompt_refers_to_named_components(schema: dict[str, Any]) -> None:
+    system = schema["components"]["schemas"]["MessageRequestRequest"]["properties"]["system"]
+    options = {option.get("type", option.get("$ref")): option for option in system["oneOf"]}
+
+    assert set(options) == {"string", "#/components/schemas/SystemRequest", "array"}
+    assert options["array"]["items"] == {"$ref": "#/components/schemas/TextBlockRequest"}
+    assert _resolve(schema, "#/components/schemas/SystemRequest")["required"] == ["prompt"]
+
+
+def _events(stream: str) -> list[dict[str, str]]:
+    """A text/event-stream body as the objects an EventSource delivers: {id?, event, data}."""
+    events = []
+    for frame in stream.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in frame.splitlines() if not line.startswith(":"))
+        events.append(fields)
+    return events
+
+
+@pytest.mark.parametrize(("path", "method"), [("/v1/messages/{message_id}/stream", "get"), ("/v1/messages", "post")])
+def test_an_event_stream_is_documented_event_by_event(schema: dict[str, Any], path: str, method: str) -> None:
+    from jsonschema import Draft202012Validator
+
+    from messaging.schema import _SSE_EXAMPLE
+
+    # Schemathesis (and OpenAPI 3.2's itemSchema) check a stream's schema against each event.
+    event_schema = schema["paths"][path][method]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    validator = Draft202012Validator(_resolve(schema, event_schema["$ref"]))
+
+    assert event_schema == {"$ref": "#/components/schemas/ServerSentEvent"}
+    assert [list(validator.iter_errors(event)) for event in _events(_SSE_EXAMPLE)] == [[]] * 9
+    assert not validator.is_valid(_SSE_EXAMPLE)
 
 
 def test_it_documents_every_endpoint(schema: dict[str, Any]) -> None:
