@@ -66,13 +66,29 @@ ANTHROPIC_PING = b'event: ping\ndata: {"type": "ping"}\n\n'
 
 
 def _read_events(job_pk: int, after: int) -> tuple[list[tuple[int, str, dict[str, Any]]], str | None]:
-    rows = list(
+    """Events after `after` (a batch), or none and the message's status."""
+    rows = _events_after(job_pk, after)
+    if rows:
+        return rows, None
+    status = _status(job_pk)
+    if status in TERMINAL_STATUSES:
+        # The message may have ended between the two reads. Its last events were committed with
+        # its terminal status, so they are visible now: without this read a stream would close
+        # without them (seen on PostgreSQL under load).
+        rows = _events_after(job_pk, after)
+    return rows, status
+
+
+def _events_after(job_pk: int, after: int) -> list[tuple[int, str, dict[str, Any]]]:
+    return list(
         MessageEvent.objects.filter(job_id=job_pk, sequence__gt=after)
         .order_by("sequence")
         .values_list("sequence", "type", "data")[:BATCH]
     )
-    status = None if rows else MessageJob.objects.filter(pk=job_pk).values_list("status", flat=True).first()
-    return rows, status
+
+
+def _status(job_pk: int) -> str | None:
+    return MessageJob.objects.filter(pk=job_pk).values_list("status", flat=True).first()
 
 
 read_events = in_executor(_read_events)
