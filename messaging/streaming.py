@@ -252,6 +252,14 @@ async def _stream_then_cancel_if_abandoned(job_pk: int, *, anthropic: bool) -> A
             await in_executor(_cancel_abandoned)(job_pk)
 
 
+async def _cancel_once_started(start: asyncio.Future[tuple[MessageJob, dict[str, Any]]]) -> None:
+    try:
+        job, _ = await start
+    except Exception:
+        return  # refused (invalid, unauthenticated...): nothing was stored
+    await in_executor(_cancel_abandoned)(job.pk)
+
+
 def _finished_response(job: MessageJob, headers: dict[str, str]) -> HttpResponse:
     if job.status == Status.COMPLETED:
         return HttpResponse(orjson.dumps(job.result), content_type="application/json", headers=headers)
@@ -263,8 +271,15 @@ def _finished_response(job: MessageJob, headers: dict[str, str]) -> HttpResponse
 
 
 async def create_message(request: HttpRequest) -> HttpResponseBase:
+    start = asyncio.ensure_future(in_executor(_start)(request))
     try:
-        job, facts = await in_executor(_start)(request)
+        job, facts = await asyncio.shield(start)
+    except asyncio.CancelledError:
+        # The client went away while its message was being stored (a slow first request, a
+        # loaded machine): the storing goes on in its thread regardless, and would leave a
+        # claimed message that nobody runs until its lease ran out. Cancel it once stored.
+        await _cancel_once_started(start)
+        raise
     except Exception as exc:
         return error_response(exc, where="create_message")
     asyncio.get_running_loop().run_in_executor(_runners(), _run_in_this_process, job)
