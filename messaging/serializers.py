@@ -493,10 +493,10 @@ class MCPServerSerializer(Serializer):
 def _outbound_allowed(host: str) -> bool:
     """The outbound policy for MCP servers: no private, loopback or link-local addresses unless
     MESSAGING_MCP_ALLOW_PRIVATE is set; and, if given, only MESSAGING_MCP_ALLOWED_HOSTS."""
-    allowed = getattr(settings, "MESSAGING_MCP_ALLOWED_HOSTS", [])
+    allowed = settings.MESSAGING_MCP_ALLOWED_HOSTS
     if allowed and not any(host == h or (h.startswith(".") and host.endswith(h)) for h in allowed):
         return False
-    if getattr(settings, "MESSAGING_MCP_ALLOW_PRIVATE", False):
+    if settings.MESSAGING_MCP_ALLOW_PRIVATE:
         return True
     if host == "localhost" or host.endswith(".localhost") or host.endswith(".internal"):
         return False

@@ -284,6 +284,11 @@ MESSAGING_MAX_JSON_DEPTH = env_int("MESSAGING_MAX_JSON_DEPTH", 64, minimum=4)
 # A model's answer (text, thinking, tool input) longer than this fails the message: a bound
 # on what one message can store, above any model's output limit today (~128k tokens).
 MESSAGING_MAX_RESULT_CHARS = env_int("MESSAGING_MAX_RESULT_CHARS", 1_000_000, minimum=1000)
+# The outbound policy for MCP servers: loopback, private, link-local and metadata addresses are
+# refused unless MESSAGING_MCP_ALLOW_PRIVATE; when hosts are listed, only those (".example.com"
+# for a domain and its subdomains).
+MESSAGING_MCP_ALLOWED_HOSTS = env_list("MESSAGING_MCP_ALLOWED_HOSTS", [])
+MESSAGING_MCP_ALLOW_PRIVATE = env_bool("MESSAGING_MCP_ALLOW_PRIVATE", False)
 
 DATA_UPLOAD_MAX_MEMORY_SIZE = MESSAGING_MAX_BODY_BYTES
 

@@ -7,6 +7,10 @@ paths and the summary are proven together. /async validates the same way (checke
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -457,6 +461,35 @@ def test_it_refuses_an_mcp_server_the_outbound_policy_forbids(alice: APIClient, 
 
     host = address.strip("[]")
     assert result["errors"] == [f"mcp_servers[0].url: {host} is not allowed by this server's outbound policy"]
+
+
+@pytest.mark.parametrize(
+    ("policy", "url", "allowed"),
+    [
+        ({"MESSAGING_MCP_ALLOW_PRIVATE": True}, "http://127.0.0.1:8080/mcp", True),
+        ({"MESSAGING_MCP_ALLOWED_HOSTS": [".example.com"]}, "https://tools.example.com/mcp", True),
+        ({"MESSAGING_MCP_ALLOWED_HOSTS": [".example.com"]}, "https://tools.example.org/mcp", False),
+    ],
+)
+def test_the_outbound_policy_follows_its_settings(alice: APIClient, settings: Any, policy: dict[str, Any], url: str, allowed: bool) -> None:
+    for name, value in policy.items():
+        setattr(settings, name, value)
+
+    result = validate(alice, {"messages": [USER], "mcp_servers": [{**MCP, "url": url}]})
+
+    assert result["valid"] is allowed, result["errors"]
+
+
+def test_the_outbound_policy_is_read_from_the_environment() -> None:
+    environment = {**os.environ, "MESSAGING_MCP_ALLOWED_HOSTS": "mcp.example.com, .tools.example.org", "MESSAGING_MCP_ALLOW_PRIVATE": "true"}
+    printed = subprocess.run(
+        [sys.executable, "-c", "from django.conf import settings; "
+         "print(settings.MESSAGING_MCP_ALLOWED_HOSTS, settings.MESSAGING_MCP_ALLOW_PRIVATE)"],
+        env={**environment, "DJANGO_SETTINGS_MODULE": "project.settings"},
+        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parent.parent,
+    ).stdout
+
+    assert printed.strip() == "['mcp.example.com', '.tools.example.org'] True"
 
 
 def test_it_reports_every_error_at_once_field_and_cross_field_alike(alice: APIClient) -> None:
