@@ -15,6 +15,9 @@ from django.conf import settings
 
 from messaging import jobs
 
+# The deltas that carry streamed text, and the field that holds it.
+_DELTA_FIELD = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
+
 
 class MessageBuilder:
     """Applies Anthropic-shaped stream events to a message object, as the SDKs do.
@@ -24,8 +27,6 @@ class MessageBuilder:
     each delta to a growing string would copy it every time (quadratic: a million characters
     in 4-character deltas took 27 s).
     """
-
-    _TEXT_FIELDS = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
 
     def __init__(self) -> None:
         self.message: dict[str, Any] | None = None
@@ -50,7 +51,7 @@ class MessageBuilder:
         elif kind == "content_block_delta":
             index, delta = event["index"], event["delta"]
             delta_type = delta.get("type")
-            field = self._TEXT_FIELDS.get(delta_type)
+            field = _DELTA_FIELD.get(delta_type)
             if field is not None:
                 self._pieces.setdefault((index, field), []).append(delta[field])
             elif delta_type == "signature_delta":
@@ -119,11 +120,8 @@ def _mergeable(previous: dict[str, Any], event: dict[str, Any]) -> bool:
         previous["type"] == event["type"] == "content_block_delta"
         and previous["index"] == event["index"]
         and previous["delta"]["type"] == event["delta"]["type"]
-        and event["delta"]["type"] in ("text_delta", "thinking_delta", "input_json_delta")
+        and event["delta"]["type"] in _DELTA_FIELD
     )
-
-
-_DELTA_FIELD = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
 
 
 class ResultTooLarge(Exception):
@@ -160,8 +158,9 @@ class EventRecorder:
         if event["type"] == "message_start":
             self._chars = 0  # a retried attempt starts its message over
         elif event["type"] == "content_block_delta":
-            delta = event["delta"]
-            self._chars += len(delta.get(_DELTA_FIELD.get(delta.get("type"), ""), "") or "")
+            field = _DELTA_FIELD.get(event["delta"].get("type"))
+            if field is not None:
+                self._chars += len(event["delta"][field])
             # Checked before the event is kept, so what is stored stays within the limit.
             if self._chars > self._max_chars:
                 raise ResultTooLarge(

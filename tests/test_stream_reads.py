@@ -7,18 +7,7 @@ from typing import Any
 import pytest
 
 from messaging import jobs, streaming
-from messaging.models import MessageJob
-from messaging.serializers import check_request
-
-RESULT = {"id": "m", "type": "message", "role": "assistant", "model": "echo", "content": [], "stop_reason": "end_turn"}
-
-
-def claimed() -> MessageJob:
-    checked = check_request({"messages": [{"role": "user", "content": "Hello"}]}, endpoint="async")
-    jobs.accept("alice", checked)
-    job = jobs.claim_next()
-    assert job is not None
-    return job
+from tests.test_jobs import RESULT, claimed
 
 
 @pytest.mark.django_db(transaction=True)
