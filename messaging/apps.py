@@ -8,9 +8,13 @@ class MessagingConfig(AppConfig):
     verbose_name = "Messaging"
 
     def ready(self) -> None:
-        from messaging import schema, worker  # noqa: F401 - schema registers OpenAPI extensions
+        from django_q.signals import post_spawn
 
-        worker.connect_signals()
+        from messaging import runner, schema  # noqa: F401 - schema registers OpenAPI extensions
+
+        # Each worker process starts its runner once forked (and when a dead one is replaced):
+        # heartbeat, leases and claims from the start, before any token arrives.
+        post_spawn.connect(runner.on_worker_spawn, dispatch_uid="messaging.runner")
         # A malformed models file stops start-up, not the first request that needs a model.
         from messaging import catalog
 

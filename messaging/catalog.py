@@ -14,6 +14,7 @@
     read_timeout = 60                        # seconds between bytes of a response
     max_attempts = 4                         # tries of one upstream call
     retry_deadline = 120                     # seconds for all of them
+    max_connections = 500                    # to this upstream per worker process; default: no limit
 
 The file is read once, at start-up (the app's ready()), so a malformed one stops the service
 with a message naming the file and the problem.
@@ -21,7 +22,6 @@ with a message naming the file and the problem.
 
 from __future__ import annotations
 
-import os
 import re
 import tomllib
 from functools import cache
@@ -31,20 +31,12 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from messaging.providers.base import ModelSpec, Provider
-
-# Request fields that tune sampling. A model lists the ones it honours in `supports`; the
-# others draw a validation warning naming them.
-SAMPLING_FIELDS = (
-    "temperature",
-    "top_p",
-    "min_p",
-    "top_k",
-    "repetition_penalty",
-    "presence_penalty",
-    "frequency_penalty",
-    "seed",
-)
+# SAMPLING_FIELDS lives with the providers, which send only those a model supports; the request
+# contract (serializers.py) reads it from here.
+from messaging.providers.anthropic import AnthropicProvider
+from messaging.providers.base import SAMPLING_FIELDS, ModelSpec, Provider
+from messaging.providers.echo import EchoProvider
+from messaging.providers.openai import OpenAIProvider
 
 PROVIDERS = ("echo", "openai", "anthropic")
 DEFAULT_BASE_URLS = {"openai": "https://api.openai.com/v1", "anthropic": "https://api.anthropic.com"}
@@ -57,7 +49,7 @@ DEFAULT_SUPPORTS = {
 _MODEL_KEYS = {
     "provider", "base_url", "upstream_model", "api_key_env", "max_tokens", "default_max_tokens",
     "supports", "connect_timeout", "read_timeout", "max_attempts", "retry_deadline", "delay",
-    "max_tokens_field", "retry_base_delay", "retry_max_delay",
+    "max_tokens_field", "retry_base_delay", "retry_max_delay", "max_connections",
 }
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -127,9 +119,10 @@ def _model_spec(where: str, model_id: str, entry: Any) -> ModelSpec:
             raise problem(f"{name} must be a number of seconds")
     if entry.get("max_tokens_field", "max_tokens") not in ("max_tokens", "max_completion_tokens"):
         raise problem("max_tokens_field must be max_tokens or max_completion_tokens")
-    max_attempts = entry.get("max_attempts")
-    if max_attempts is not None and (not isinstance(max_attempts, int) or max_attempts < 1):
-        raise problem("max_attempts must be a positive integer")
+    for name in ("max_attempts", "max_connections"):
+        value = entry.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise problem(f"{name} must be a positive integer")
 
     options = {key: value for key, value in entry.items() if key not in {"provider", "max_tokens", "default_max_tokens", "supports"}}
     if provider != "echo":
@@ -173,18 +166,8 @@ def default_model_id() -> str:
     return str(settings.MESSAGING_DEFAULT_MODEL)
 
 
-def api_key(spec: ModelSpec) -> str | None:
-    """The model's key, read from the environment when it is needed, never stored."""
-    name = spec.options.get("api_key_env")
-    return os.environ.get(name) if name else None
-
-
 @cache
 def _providers() -> dict[str, Provider]:
-    from messaging.providers.anthropic import AnthropicProvider
-    from messaging.providers.echo import EchoProvider
-    from messaging.providers.openai import OpenAIProvider
-
     return {"echo": EchoProvider(), "openai": OpenAIProvider(), "anthropic": AnthropicProvider()}
 
 

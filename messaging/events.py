@@ -13,8 +13,6 @@ from typing import Any
 
 from django.conf import settings
 
-from messaging import jobs
-
 # The deltas that carry streamed text, and the field that holds it.
 _DELTA_FIELD = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
 
@@ -129,32 +127,29 @@ class ResultTooLarge(Exception):
 
 
 class EventRecorder:
-    """What a worker writes through while it runs a message.
+    """A running message's events on their way to the database.
 
-    Every write is fenced (`jobs.append_events`): once the message is cancelled or taken over
-    by another worker, the write fails with `jobs.Superseded` and the worker stops. The same
-    write renews the lease, so a live worker's message is never taken over.
-
-    `stream: true` records every token delta, flushed in batches at most
+    The runner adds each event as the model produces it, and its writer takes what is due at
+    every flush, for all the process's messages in one transaction (messaging/runner.py).
+    `stream: true` records every token delta, taken in batches at most
     MESSAGING_FLUSH_INTERVAL apart. `stream: false` records the start, then deltas merged into
-    one per block at most every MESSAGING_CHECK_INTERVAL (riding on the write that renews the
-    lease), and the end.
+    one per block at most every MESSAGING_CHECK_INTERVAL, and the end: a message cancelled or
+    cut short keeps what its model wrote, since a stopped message's result is what its
+    recorded events add up to.
     """
 
-    def __init__(self, job_pk: int, attempt: int, *, token_deltas: bool):
-        self.job_pk = job_pk
-        self.attempt = attempt
+    def __init__(self, *, token_deltas: bool):
         self.token_deltas = token_deltas
         self.builder = MessageBuilder()
         self._buffer: list[dict[str, Any]] = []
-        now = time.monotonic()
-        self._last_write = now
-        self._flush_interval = settings.MESSAGING_FLUSH_INTERVAL
+        self._urgent = False
+        self._last_take = time.monotonic()
         self._check_interval = settings.MESSAGING_CHECK_INTERVAL
         self._max_chars = settings.MESSAGING_MAX_RESULT_CHARS
         self._chars = 0
 
-    def add(self, event: dict[str, Any]) -> None:
+    def add(self, event: dict[str, Any]) -> bool:
+        """Keep `event`; True when it should be written at once (the model has started)."""
         if event["type"] == "message_start":
             self._chars = 0  # a retried attempt starts its message over
         elif event["type"] == "content_block_delta":
@@ -175,26 +170,27 @@ class EventRecorder:
         else:
             self._buffer.append(event)
         if event["type"] == "message_start":
-            self.flush()  # a client sees at once that the model has started
-        else:
-            self.tick()
+            self._urgent = True  # a client sees at once that the model has started
+        return self._urgent
 
-    def tick(self) -> None:
-        """Flush when due, and at least every check interval renew the lease and look for a
-        cancellation (both done by the fenced write, with or without events)."""
-        elapsed = time.monotonic() - self._last_write
+    def take(self, now: float) -> list[dict[str, Any]]:
+        """The events due for writing at monotonic time `now`, removed from the buffer."""
+        if not self._buffer:
+            return []
+        elapsed = now - self._last_take
         # A block's start carries no content and its first delta follows at once: writing it
         # alone would make that first token wait a whole flush interval (bench_ttft: ~60 ms).
-        waiting_for_content = self._buffer and self._buffer[-1]["type"] == "content_block_start"
-        if self.token_deltas and self._buffer and elapsed >= self._flush_interval and not waiting_for_content:
-            self.flush()
-        elif elapsed >= self._check_interval:
-            # The check's write is made anyway; with `stream: false` it also carries what the
-            # model wrote since the last one (merged), so a message cancelled or cut short
-            # keeps it: a stopped message's result is what its recorded events add up to.
-            self.flush()
+        waiting_for_content = self._buffer[-1]["type"] == "content_block_start" and elapsed < self._check_interval
+        due = self._urgent or (self.token_deltas and not waiting_for_content) or elapsed >= self._check_interval
+        return self.rest() if due else []
 
-    def flush(self) -> None:
-        jobs.append_events(self.job_pk, self.attempt, self._buffer)
-        self._buffer = []
-        self._last_write = time.monotonic()
+    def rest(self) -> list[dict[str, Any]]:
+        """Every event not written yet (the message has ended)."""
+        events, self._buffer = self._buffer, []
+        self._urgent = False
+        self._last_take = time.monotonic()
+        return events
+
+    def put_back(self, events: list[dict[str, Any]]) -> None:
+        """Events whose write failed (the database was away) go out with the next flush."""
+        self._buffer[:0] = events

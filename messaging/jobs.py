@@ -1,28 +1,39 @@
 """The status machine of a message, in one place.
 
     pending ──► processing ──► completed | failed | error
-       └─────────────┴──────► cancelled
+       ▲            │
+       └────────────┤  (handed back by a stopping worker)
+       └────────────┴──────► cancelled
 
 Every transition is a conditional update (`filter(pk=…, status__in=…).update(…)`) written in
 the same transaction as its `status` event, so a race has exactly one winner and the stream
-never shows an event after a terminal status. A worker's writes are also fenced by `attempts`:
-the value it claimed with. A worker that lost its message (cancelled, or taken over after its
-lease ran out) fails its next write with `Superseded` and stops.
+never shows an event after a terminal status. A runner's writes are also fenced by `attempts`:
+the value it claimed with. A runner that lost its message (cancelled, or taken over after its
+lease ran out) has its next write refused and stops.
+
+This module is below the runner (messaging/runner.py), which calls it in batches: one claim,
+one lease renewal, one check and one event write serve every message a process runs.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import timedelta
+from functools import reduce
+from operator import or_
 from typing import Any
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F, Q
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from messaging import notify
+from messaging import notify, queue
 from messaging.errors import Conflict
+from messaging.events import build_result
 from messaging.models import ACTIVE_STATUSES, MessageEvent, MessageJob, Status
 from messaging.serializers import CheckedRequest, split_secrets
 
@@ -30,12 +41,12 @@ logger = logging.getLogger(__name__)
 
 # Cancelling "select all" in the admin may meet millions of rows: one update per chunk.
 CANCEL_CHUNK = 500
-# One watchdog round queues at most this many tokens for messages whose token was lost.
-REQUEUE_BATCH = 100
+# (pk, attempt) pairs per lease-renewal UPDATE: SQLite parses a chain of ORs recursively.
+LEASE_CHUNK = 250
 
 
 class Superseded(Exception):
-    """The message is no longer this worker's: cancelled, or taken over by another worker."""
+    """The message is no longer this runner's: cancelled, or taken over by another worker."""
 
 
 def status_event(status: str, correlation_id: str | None = None, **extra: Any) -> dict[str, Any]:
@@ -61,15 +72,20 @@ def _write(job_pk: int, match: Q, update: dict[str, Any], events: list[dict[str,
         )
         if not updated:
             return False
-        notify.publish(job_pk)  # a wake-up for streams, delivered when this commits
+        notify.publish([job_pk])  # a wake-up for streams, delivered when this commits
         if events:
             last = MessageJob.objects.filter(pk=job_pk).values_list("last_sequence", flat=True).get()
-            first = last - len(events) + 1
-            MessageEvent.objects.bulk_create(
-                MessageEvent(job_id=job_pk, sequence=first + offset, type=event["type"], data=event)
-                for offset, event in enumerate(events)
-            )
+            MessageEvent.objects.bulk_create(_numbered(job_pk, last, events))
     return True
+
+
+def _numbered(job_pk: int, last: int, events: list[dict[str, Any]]) -> list[MessageEvent]:
+    """`events` as rows numbered up to `last`, the message's last_sequence after they were added."""
+    first = last - len(events) + 1
+    return [
+        MessageEvent(job_id=job_pk, sequence=first + offset, type=event["type"], data=event)
+        for offset, event in enumerate(events)
+    ]
 
 
 # --- Accepting ---------------------------------------------------------------------------------
@@ -81,8 +97,6 @@ def accept(owner: str, checked: CheckedRequest, message_id: str | None = None) -
     A repeated `message_id` with the same body returns the existing message (created=False);
     with a different body it is a conflict.
     """
-    from messaging import tasks
-
     request_hash = checked.request_hash()
     if message_id is not None:
         existing = MessageJob.objects.filter(owner=owner, message_id=message_id).first()
@@ -98,8 +112,8 @@ def accept(owner: str, checked: CheckedRequest, message_id: str | None = None) -
             MessageEvent.objects.create(
                 job=job, sequence=1, type="status", data=status_event(Status.PENDING, job.correlation_id)
             )
-            if tasks.QUEUE_IN_DATABASE:
-                tasks.enqueue_token()
+            if queue.QUEUE_IN_DATABASE:
+                queue.enqueue_token()
     except IntegrityError:
         # Two requests raced with the same message_id; the first one stored wins.
         existing = MessageJob.objects.filter(owner=owner, message_id=message_id).first()
@@ -107,9 +121,9 @@ def accept(owner: str, checked: CheckedRequest, message_id: str | None = None) -
             raise
         return _same_request(existing, request_hash), False
 
-    if not tasks.QUEUE_IN_DATABASE:
+    if not queue.QUEUE_IN_DATABASE:
         try:
-            tasks.enqueue_token()
+            queue.enqueue_token()
         except Exception:
             # The broker is down: take the message back, so that a 503 truly means "not accepted".
             job.delete()
@@ -164,80 +178,207 @@ def _same_request(existing: MessageJob, request_hash: str) -> MessageJob:
 
 # --- Running -------------------------------------------------------------------------------------
 
+_CLAIM_ORDER = ("-priority", "created_at", "id")
+_CLAIM_FIELDS = ("pk", "priority", "created_at", "attempts", "handed_back", "correlation_id", "message_id")
+
+
+def claim(limit: int) -> list[MessageJob]:
+    """Take up to `limit` messages for this process, highest priority first, then oldest.
+
+    Claimable are pending messages and running ones whose lease ran out (their worker died):
+    a rescued message keeps its place by priority rather than waiting behind the backlog. A
+    message that lost its worker MESSAGING_MAX_ATTEMPTS times ends as `error` instead (attempts
+    handed back by a stopping worker are not failures).
+    """
+    now = timezone.now()
+    lease = _lease()
+    with transaction.atomic():
+        stale = list(
+            MessageJob.objects.filter(status=Status.PROCESSING, lease_expires_at__lt=now)
+            .order_by(*_CLAIM_ORDER).select_for_update(skip_locked=True).values_list(*_CLAIM_FIELDS)[:limit]
+        )
+        pending = list(
+            MessageJob.objects.filter(status=Status.PENDING)
+            .order_by(*_CLAIM_ORDER).select_for_update(skip_locked=True).values_list(*_CLAIM_FIELDS)[:limit]
+        )
+        stale_pks = {row[0] for row in stale}
+        chosen = sorted(stale + pending, key=lambda row: (-row[1], row[2], row[0]))[:limit]
+        taken: list[int] = []
+        for pk, _, _, attempts, handed_back, correlation_id, message_id in chosen:
+            if pk in stale_pks and attempts - handed_back >= settings.MESSAGING_MAX_ATTEMPTS:
+                _give_up(pk, attempts, correlation_id, message_id)
+            else:
+                taken.append(pk)
+        if not taken:
+            return []
+        MessageJob.objects.filter(pk__in=taken).update(
+            status=Status.PROCESSING,
+            attempts=F("attempts") + 1,
+            started_at=Coalesce("started_at", now),
+            lease_expires_at=lease,
+            last_sequence=F("last_sequence") + 1,
+        )
+        claimed = list(MessageJob.objects.filter(pk__in=taken))
+        MessageEvent.objects.bulk_create(
+            MessageEvent(
+                job_id=job.pk, sequence=job.last_sequence, type="status",
+                data=status_event(Status.PROCESSING, job.correlation_id, attempt=job.attempts),
+            )
+            for job in claimed
+        )
+        notify.publish(taken)
+    for job in claimed:
+        if job.pk in stale_pks:
+            logger.warning("message %s lost its worker; attempt %s takes it up again", job.message_id, job.attempts)
+    return sorted(claimed, key=lambda job: (-job.priority, job.created_at, job.pk))
+
 
 def claim_next() -> MessageJob | None:
-    """Take the highest-priority pending message (oldest first among equals) for this worker."""
-    for _ in range(10):
-        with transaction.atomic():
-            candidate = (
-                MessageJob.objects.filter(status=Status.PENDING)
-                .order_by("-priority", "created_at", "id")
-                .select_for_update(skip_locked=True)
-                .values_list("pk", "correlation_id")
-                .first()
-            )
-            if candidate is None:
-                return None
-            pk, correlation_id = candidate
-            now = timezone.now()
-            won = _write(
-                pk,
-                Q(status=Status.PENDING),
-                {"status": Status.PROCESSING, "attempts": 1, "started_at": now, "lease_expires_at": _lease()},
-                [status_event(Status.PROCESSING, correlation_id, attempt=1)],
-            )
-        if won:
-            return MessageJob.objects.get(pk=pk)
-    return None  # lost every race; another token will come
+    claimed = claim(1)
+    return claimed[0] if claimed else None
 
 
-def claim_rescued(job_pk: int, attempt: int) -> MessageJob | None:
-    """Take over a message whose worker died while running attempt `attempt`."""
-    job = MessageJob.objects.filter(pk=job_pk).only("correlation_id").first()
-    if job is None:
+def _give_up(pk: int, attempts: int, correlation_id: str | None, message_id: str) -> None:
+    error = {
+        "type": "api_error",
+        "message": f"The worker running this message stopped {attempts} times; it was not tried again.",
+    }
+    ended = _write(
+        pk,
+        Q(status=Status.PROCESSING, attempts=attempts),
+        {"status": Status.ERROR, "error": error, "finished_at": timezone.now(), "lease_expires_at": None},
+        [{"type": "error", "error": error}, status_event(Status.ERROR, correlation_id)],
+    )
+    if ended:
+        # What its attempts streamed stays its result, as for any message that ends early.
+        events = list(MessageEvent.objects.filter(job_id=pk).order_by("sequence").values_list("data", flat=True))
+        MessageJob.objects.filter(pk=pk).update(result=build_result(events))
+        logger.error("message %s gave up after %s attempts", message_id, attempts)
+
+
+def renew_leases(running: Iterable[tuple[int, int]]) -> None:
+    """Keep the leases of every message a live process runs, given as (pk, attempt): a model
+    silent for longer than a lease must not look like a dead worker. One UPDATE per chunk."""
+    pairs = list(running)
+    lease = _lease()
+    for start in range(0, len(pairs), LEASE_CHUNK):
+        match = reduce(or_, (Q(pk=pk, attempts=attempt) for pk, attempt in pairs[start : start + LEASE_CHUNK]))
+        MessageJob.objects.filter(match, status=Status.PROCESSING).update(lease_expires_at=lease)
+
+
+def still_ours(running: Iterable[tuple[int, int]]) -> set[int]:
+    """Which of these (pk, attempt) messages are still running with that attempt: one query."""
+    pairs = list(running)
+    current = dict(
+        MessageJob.objects.filter(pk__in=[pk for pk, _ in pairs], status=Status.PROCESSING).values_list("pk", "attempts")
+    )
+    return {pk for pk, attempt in pairs if current.get(pk) == attempt}
+
+
+@dataclass
+class End:
+    """How a message ends: its terminal status and what it keeps."""
+
+    status: str
+    result: dict[str, Any] | None = None
+    error: dict[str, str] | None = None
+
+    def events(self, correlation_id: str | None) -> list[dict[str, Any]]:
+        errors = [{"type": "error", "error": self.error}] if self.error is not None else []
+        return [*errors, status_event(self.status, correlation_id)]
+
+
+@dataclass
+class Write:
+    """What a runner records of one running message in one flush: new events, and its end."""
+
+    job_pk: int
+    attempt: int
+    events: list[dict[str, Any]]
+    end: End | None = None
+    correlation_id: str | None = None
+
+
+def record(writes: list[Write]) -> set[int]:
+    """Record every message's events and ends in ONE transaction (group commit: hundreds of
+    messages streaming are one commit per flush interval, not one per message). Returns the
+    pks no longer ours (cancelled, or taken over): nothing is written for those."""
+    lost: set[int] = set()
+    rows: list[MessageEvent] = []
+    table = connection.ops.quote_name(MessageJob._meta.db_table)
+    append = (
+        f"UPDATE {table} SET last_sequence = last_sequence + %s "
+        "WHERE id = %s AND status = %s AND attempts = %s RETURNING last_sequence"
+    )
+    with transaction.atomic():
+        with connection.cursor() as cursor:
+            for write in writes:
+                events = write.events + (write.end.events(write.correlation_id) if write.end else [])
+                if write.end is None:
+                    cursor.execute(append, [len(events), write.job_pk, Status.PROCESSING, write.attempt])
+                    found = cursor.fetchone()
+                    last = found[0] if found else None
+                else:
+                    last = _end(write, len(events))
+                if last is None:
+                    lost.add(write.job_pk)
+                    continue
+                rows += _numbered(write.job_pk, last, events)
+        MessageEvent.objects.bulk_create(rows)
+        notify.publish([write.job_pk for write in writes if write.job_pk not in lost])
+    return lost
+
+
+def _end(write: Write, added: int) -> int | None:
+    assert write.end is not None and write.end.status in (Status.COMPLETED, Status.FAILED, Status.ERROR)
+    updated = MessageJob.objects.filter(pk=write.job_pk, status=Status.PROCESSING, attempts=write.attempt).update(
+        status=write.end.status,
+        result=write.end.result,
+        error=write.end.error,
+        finished_at=timezone.now(),
+        lease_expires_at=None,
+        last_sequence=F("last_sequence") + added,
+    )
+    if not updated:
         return None
-    won = _write(
-        job_pk,
-        Q(status=Status.PROCESSING, attempts=attempt),
-        {"attempts": attempt + 1, "lease_expires_at": _lease()},
-        [status_event(Status.PROCESSING, job.correlation_id, attempt=attempt + 1)],
-    )
-    return MessageJob.objects.get(pk=job_pk) if won else None
-
-
-def renew_lease(job_pk: int, attempt: int) -> bool:
-    """Keep the lease of a message whose worker process is alive, though its model may be silent
-    for longer than a lease (a slow first token, a long tool call). False if it is not ours."""
-    return bool(
-        MessageJob.objects.filter(pk=job_pk, status=Status.PROCESSING, attempts=attempt).update(lease_expires_at=_lease())
-    )
+    return MessageJob.objects.filter(pk=write.job_pk).values_list("last_sequence", flat=True).get()
 
 
 def append_events(job_pk: int, attempt: int, events: list[dict[str, Any]]) -> None:
-    """Record a running message's events and renew its lease; `Superseded` if it is not ours."""
-    if not _write(job_pk, Q(status=Status.PROCESSING, attempts=attempt), {"lease_expires_at": _lease()}, events):
+    """Record a running message's events; `Superseded` if it is not ours."""
+    if record([Write(job_pk, attempt, events)]):
         raise Superseded
 
 
 def complete(job: MessageJob, attempt: int, result: dict[str, Any] | None) -> bool:
-    return _write(
-        job.pk,
-        Q(status=Status.PROCESSING, attempts=attempt),
-        {"status": Status.COMPLETED, "result": result, "finished_at": timezone.now(), "lease_expires_at": None},
-        [status_event(Status.COMPLETED, job.correlation_id)],
-    )
+    return not record([Write(job.pk, attempt, [], End(Status.COMPLETED, result=result), job.correlation_id)])
 
 
-def fail(job: MessageJob, attempt: int | None, status: str, error: dict[str, str], result: dict[str, Any] | None = None) -> bool:
+def fail(job: MessageJob, attempt: int, status: str, error: dict[str, str], result: dict[str, Any] | None = None) -> bool:
     """End a message as `failed` (the provider could not complete it) or `error` (we could not)."""
-    assert status in (Status.FAILED, Status.ERROR)
-    match = Q(status=Status.PROCESSING) if attempt is None else Q(status=Status.PROCESSING, attempts=attempt)
-    return _write(
-        job.pk,
-        match,
-        {"status": status, "error": error, "result": result, "finished_at": timezone.now(), "lease_expires_at": None},
-        [{"type": "error", "error": error}, status_event(status, job.correlation_id)],
-    )
+    return not record([Write(job.pk, attempt, [], End(status, result=result, error=error), job.correlation_id)])
+
+
+def hand_back(running: Iterable[tuple[int, int]]) -> int:
+    """A stopping worker's unfinished messages, as (pk, attempt), become pending again at once
+    (not when their lease runs out), their attempt not counted as a failure. Returns how many."""
+    handed = 0
+    for pk, attempt in running:
+        correlation_id = MessageJob.objects.filter(pk=pk).values_list("correlation_id", flat=True).first()
+        with transaction.atomic():
+            if _write(
+                pk,
+                Q(status=Status.PROCESSING, attempts=attempt),
+                {"status": Status.PENDING, "lease_expires_at": None, "handed_back": F("handed_back") + 1},
+                [status_event(Status.PENDING, correlation_id, reason="worker_stopped")],
+            ):
+                handed += 1
+                if queue.QUEUE_IN_DATABASE:
+                    queue.enqueue_token()
+    if not queue.QUEUE_IN_DATABASE:
+        for _ in range(handed):
+            queue.enqueue_token()  # wakes another worker now rather than at its next round
+    return handed
 
 
 # --- Cancelling ---------------------------------------------------------------------------------
@@ -246,8 +387,6 @@ def fail(job: MessageJob, attempt: int | None, status: str, error: dict[str, str
 def cancel(job: MessageJob) -> MessageJob:
     """pending or processing → cancelled. Cancelling a cancelled message is fine; a message that
     completed, failed or errored first is a conflict, and the message says which it was."""
-    from messaging.events import build_result
-
     with transaction.atomic():
         won = _write(
             job.pk,
@@ -309,68 +448,5 @@ def _cancel_pending(pks: list[int]) -> int:
             MessageEvent(job_id=pk, sequence=last + 1, type="status", data=status_event(Status.CANCELLED, correlation_id))
             for pk, last, correlation_id in rows
         )
-        for pk, _, _ in rows:
-            notify.publish(pk)
+        notify.publish([pk for pk, _, _ in rows])
     return len(rows)
-
-
-# --- Recovering ---------------------------------------------------------------------------------
-
-
-def recover_stale() -> int:
-    """Messages whose lease ran out lost their worker (killed, or its task lost by the Redis
-    broker). Each is handed to a new token, once, or ends as `error` after too many attempts.
-    Returns how many were handled."""
-    from messaging import tasks
-
-    now = timezone.now()
-    stale = list(
-        MessageJob.objects.filter(status=Status.PROCESSING, lease_expires_at__lt=now)
-        .only("pk", "attempts", "correlation_id", "message_id")[:100]
-    )
-    for job in stale:
-        if job.attempts >= settings.MESSAGING_MAX_ATTEMPTS:
-            ended = fail(
-                job,
-                job.attempts,
-                Status.ERROR,
-                {
-                    "type": "api_error",
-                    "message": f"The worker running this message stopped {job.attempts} times; it was not tried again.",
-                },
-            )
-            if ended:
-                logger.error("message %s gave up after %s attempts", job.message_id, job.attempts)
-            continue
-        # Renewing the lease here is the claim on the rescue: one recoverer wins, and if its
-        # token is lost as well, the lease runs out again and the message is rescued again.
-        won = MessageJob.objects.filter(
-            pk=job.pk, status=Status.PROCESSING, attempts=job.attempts, lease_expires_at__lt=now
-        ).update(lease_expires_at=_lease())
-        if won:
-            logger.warning("message %s lost its worker during attempt %s; queued again", job.message_id, job.attempts)
-            tasks.enqueue_token(rescue=(job.pk, job.attempts))
-    return len(stale)
-
-
-def requeue_lost() -> int:
-    """Pending messages that no token will come for get new tokens. Returns how many.
-
-    A token can be lost while its message waits: the Redis broker forgets the tokens a killed
-    cluster had prefetched (the ORM broker hands them out again, but only after `retry`), a token
-    whose claim met a database error is spent, and with Redis the web process may die between
-    committing a message and queuing its token. So when the broker's queue is empty while
-    messages have waited longer than a lease, the queue is topped up. A token too many costs one
-    query: it finds nothing to claim.
-    """
-    from messaging import tasks
-
-    if not tasks.queue_is_empty():
-        return 0
-    waited = timezone.now() - timedelta(seconds=settings.MESSAGING_LEASE_SECONDS)
-    waiting = MessageJob.objects.filter(status=Status.PENDING, created_at__lt=waited)[:REQUEUE_BATCH].count()
-    for _ in range(waiting):
-        tasks.enqueue_token()
-    if waiting:
-        logger.warning("%s pending message(s) had no token in the queue; queued again", waiting)
-    return waiting

@@ -66,6 +66,9 @@ class MessageJob(models.Model):
     # Incremented on every claim. It is also the fencing token: a worker writes only while
     # `attempts` still equals the value it claimed with.
     attempts = models.PositiveSmallIntegerField(default=0)
+    # Attempts a stopping worker handed back unfinished: not failures, so not counted against
+    # MESSAGING_MAX_ATTEMPTS.
+    handed_back = models.PositiveSmallIntegerField(default=0)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     last_sequence = models.PositiveIntegerField(default=0)
 

@@ -47,20 +47,41 @@ def _redis() -> Any:
     return redis.Redis.from_url(settings.REDIS_URL)
 
 
-def publish(job_pk: int) -> None:
-    """Announce new events of `job_pk`. Call inside the transaction that wrote them."""
+def publish(job_pks: list[int]) -> None:
+    """Announce new events of `job_pks`. Call inside the transaction that wrote them: one
+    notification for all of them (a runner's flush covers hundreds of messages)."""
+    if not job_pks:
+        return
     kind = transport()
-    if kind == "postgresql":
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, str(job_pk)])
-    elif kind == "redis":
-        transaction.on_commit(lambda: _publish_redis(job_pk))
-    transaction.on_commit(lambda: hub.wake_threadsafe(job_pk))
+    for payload in _payloads(job_pks):
+        if kind == "postgresql":
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT pg_notify(%s, %s)", [CHANNEL, payload])
+        elif kind == "redis":
+            transaction.on_commit(lambda payload=payload: _publish_redis(payload))
+    transaction.on_commit(lambda: hub.wake_threadsafe(job_pks))
 
 
-def _publish_redis(job_pk: int) -> None:
+def _payloads(job_pks: list[int]) -> list[str]:
+    """Comma-separated pks, each payload under PostgreSQL's 8,000-byte limit."""
+    payloads, current = [], ""
+    for pk in job_pks:
+        if len(current) > 7000:
+            payloads.append(current)
+            current = ""
+        current = f"{current},{pk}" if current else str(pk)
+    return [*payloads, current]
+
+
+def _parse(payload: str | bytes) -> list[int]:
+    if isinstance(payload, bytes):
+        payload = payload.decode()
+    return [int(pk) for pk in payload.split(",") if pk]
+
+
+def _publish_redis(payload: str) -> None:
     try:
-        _redis().publish(REDIS_CHANNEL, str(job_pk))
+        _redis().publish(REDIS_CHANNEL, payload)
     except Exception as exc:
         # Only a wake-up: streams still re-read at their next ping.
         logger.warning("could not publish a stream wake-up: %s", type(exc).__name__)
@@ -105,19 +126,20 @@ class Hub:
                 if not waiters:
                     del self._waiters[job_pk]
 
-    def wake(self, job_pk: int) -> None:
-        for woken in self._waiters.get(job_pk, ()):
-            woken.set()
+    def wake(self, job_pks: list[int]) -> None:
+        for job_pk in job_pks:
+            for woken in self._waiters.get(job_pk, ()):
+                woken.set()
 
     def wake_all(self) -> None:
         for waiters in self._waiters.values():
             for woken in waiters:
                 woken.set()
 
-    def wake_threadsafe(self, job_pk: int) -> None:
+    def wake_threadsafe(self, job_pks: list[int]) -> None:
         loop = self._loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self.wake, job_pk)
+        if loop is not None and not loop.is_closed() and self._waiters:
+            loop.call_soon_threadsafe(self.wake, job_pks)
 
     def _ensure_listening(self) -> None:
         loop = asyncio.get_running_loop()
@@ -150,7 +172,7 @@ class Hub:
             self.wake_all()
             async for message in pubsub.listen():
                 if message.get("type") == "message":
-                    self.wake(int(message["data"]))
+                    self.wake(_parse(message["data"]))
         finally:
             await pubsub.aclose()
             await client.aclose()
@@ -166,7 +188,7 @@ class Hub:
             await listener.execute(f"LISTEN {CHANNEL}")
             self.wake_all()
             async for notice in listener.notifies():
-                self.wake(int(notice.payload))
+                self.wake(_parse(notice.payload))
 
     async def _poll(self) -> None:
         """SQLite has no notifications: one query per interval over every watched message."""
@@ -188,7 +210,7 @@ class Hub:
             for pk, last in current.items():
                 if seen.get(pk) != last:
                     seen[pk] = last
-                    self.wake(pk)
+                    self.wake([pk])
 
 
 hub = Hub()

@@ -15,7 +15,7 @@ import hashlib
 import ipaddress
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 from urllib.parse import SplitResult, urlsplit

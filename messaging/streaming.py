@@ -18,21 +18,30 @@ import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from typing import Any
 
 import orjson
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections
-from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
+from django.http import (
+    HttpRequest,
+    HttpResponse,
+    HttpResponseBase,
+    StreamingHttpResponse,
+)
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions
 
-from messaging import jobs, tasks
+from messaging import jobs, runner
 from messaging.auth import APIKeyAuthentication
-from messaging.errors import Conflict, InvalidRequest, error_body, error_response, failed_message
+from messaging.errors import (
+    Conflict,
+    InvalidRequest,
+    error_body,
+    error_response,
+    failed_message,
+)
 from messaging.headers import header_value, warnings_header
 from messaging.models import TERMINAL_STATUSES, MessageEvent, MessageJob, Status
 from messaging.notify import hub, in_executor
@@ -190,20 +199,6 @@ async def message_stream(request: HttpRequest, message_id: str) -> HttpResponseB
 # --- POST /v1/messages --------------------------------------------------------------------------
 
 
-@cache
-def _runners() -> ThreadPoolExecutor:
-    # The model call is blocking I/O, so a synchronous message runs on a thread of this web
-    # process instead of waiting in the queue behind asynchronous work.
-    return ThreadPoolExecutor(max_workers=settings.MESSAGING_SYNC_THREADS, thread_name_prefix="messaging-sync")
-
-
-def _run_in_this_process(job: MessageJob) -> None:
-    try:
-        tasks.run(job)
-    finally:
-        close_old_connections()
-
-
 def _start(request: HttpRequest) -> tuple[MessageJob, dict[str, Any]]:
     owner = _authenticate(request)
     data = read_json_body(request)
@@ -220,7 +215,8 @@ def _cancel_abandoned(job_pk: int) -> None:
         jobs.cancel(job)
         logger.info("message %s cancelled: its synchronous client went away", job.message_id)
     except Conflict:
-        pass  # it finished first
+        return  # it finished first
+    runner.web_runner().stop_soon(job_pk)  # its upstream request closes now, not at the next check
 
 
 def _ending(job_pk: int) -> MessageJob:
@@ -282,7 +278,9 @@ async def create_message(request: HttpRequest) -> HttpResponseBase:
         raise
     except Exception as exc:
         return error_response(exc, where="create_message")
-    asyncio.get_running_loop().run_in_executor(_runners(), _run_in_this_process, job)
+    # Run here rather than wait in the queue behind asynchronous work: on this process's
+    # runner, beside hundreds of others, its lease kept like a worker's.
+    runner.web_runner().run(job)
 
     # The message has run by the time these headers are sent: a value that cannot be a header
     # would turn its answer into a 500, and a retrying client would run it twice.

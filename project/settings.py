@@ -268,8 +268,14 @@ MESSAGING_FLUSH_INTERVAL = env_float("MESSAGING_FLUSH_INTERVAL", 0.05, minimum=0
 MESSAGING_PING_INTERVAL = env_float("MESSAGING_PING_INTERVAL", 15.0, minimum=0.1)
 # SQLite has no notifications: each web process polls its watched messages this often.
 MESSAGING_POLL_INTERVAL = env_float("MESSAGING_POLL_INTERVAL", 0.05, minimum=0.005)
-# Threads per web process that run synchronous POST /v1/messages requests.
-MESSAGING_SYNC_THREADS = env_int("MESSAGING_SYNC_THREADS", 32, minimum=1)
+# Messages one worker process runs at once (its slots). A message waiting on its model costs a
+# few kilobytes, so this is bound by what the upstreams allow, not by this machine.
+MESSAGING_CONCURRENCY = env_int("MESSAGING_CONCURRENCY", 256, minimum=1)
+# Database connections (and threads) each process's runner uses for all its messages.
+MESSAGING_DB_CONNECTIONS = env_int("MESSAGING_DB_CONNECTIONS", 4, minimum=1)
+# On SIGTERM a worker stops claiming and lets its messages finish for this long, then hands the
+# rest back to the queue. Give the process manager's stop timeout more than this.
+MESSAGING_DRAIN_SECONDS = env_float("MESSAGING_DRAIN_SECONDS", 10.0, minimum=0.0)
 # /readyz wants a worker heartbeat at most this old.
 MESSAGING_WORKER_STALE_SECONDS = env_float("MESSAGING_WORKER_STALE_SECONDS", 30.0, minimum=1.0)
 # The delay per word of the built-in `echo-slow` model.
@@ -295,7 +301,8 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = MESSAGING_MAX_BODY_BYTES
 # --- django-q2 -------------------------------------------------------------------------------
 
 MESSAGING_WORKERS = env_int("MESSAGING_WORKERS", 2, minimum=1)
-_q_timeout = MESSAGING_JOB_TIMEOUT + 30  # a hard backstop behind our own cooperative timeout
+# A token waits at most a recovery interval for a free slot, then claims in one query.
+_q_timeout = int(MESSAGING_RECOVERY_INTERVAL) + 60
 
 Q_CLUSTER = {
     "name": "messaging",
@@ -305,6 +312,9 @@ Q_CLUSTER = {
     "timeout": _q_timeout,
     # Must exceed the longest run, or the ORM broker hands the same task out twice.
     "retry": _q_timeout + 60,
+    # A worker process holds hundreds of messages: never recycle it for having run many tokens
+    # (django-q2's default is every 500).
+    "recycle": 2**31,
     # Tasks are only tokens that claim a message; failures are ours to count, not django-q2's.
     "max_attempts": 1,
     "ack_failures": True,

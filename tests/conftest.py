@@ -11,10 +11,9 @@ from messaging.models import APIKey
 
 VALID_REQUEST: dict[str, Any] = {"messages": [{"role": "user", "content": "Hello there, echo"}]}
 
-# For tests that run a message in-process (tasks.run): its Watch thread checks the message on a
-# connection of its own, which sees only committed rows. Inside a test's transaction it would
-# find nothing and stop the message, as soon as the run outlasts a check interval (a loaded
-# machine).
+# For tests that run a message in-process (runner.run_one): the runner reaches the database from
+# threads of its own, whose connections see only committed rows. Inside a test's transaction
+# they would find nothing.
 RUNS_THE_WORKER = pytest.mark.django_db(transaction=True)
 
 

@@ -41,6 +41,8 @@ FAST_SETTINGS = {
     "MESSAGING_ECHO_SLOW_DELAY": "0.05",
     "MESSAGING_CHECK_INTERVAL": "0.1",
     "MESSAGING_WORKERS": "1",
+    # A stopped cluster hands its unfinished messages back after this long.
+    "MESSAGING_DRAIN_SECONDS": "2",
 }
 STOP_TIMEOUT = 20.0
 
@@ -162,7 +164,7 @@ class Cluster:
 
     def worker_running(self, message_id: str, attempt: int, timeout: float = 30.0) -> int:
         """The pid of the worker that took up `message_id` for `attempt`, from the line
-        messaging.tasks.process_next logs when it starts a message."""
+        the runner logs when it starts a message."""
         pattern = re.compile(rf"message {re.escape(message_id)} attempt {attempt} started in worker process (\d+)")
 
         def find() -> int | None:

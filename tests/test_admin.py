@@ -19,8 +19,8 @@ from rest_framework.test import APIClient
 from rest_framework_api_key.models import APIKey as LibraryAPIKey
 
 from messaging import admin as messaging_admin
-from messaging import jobs, tasks
-from messaging.models import APIKey, MessageEvent, MessageJob, Status
+from messaging import jobs, runner
+from messaging.models import APIKey, MessageEvent, MessageJob
 from tests.conftest import RUNS_THE_WORKER, VALID_REQUEST
 
 LIST = "/admin/messaging/messagejob/"
@@ -132,7 +132,7 @@ class TestList:
     @RUNS_THE_WORKER
     def test_it_shows_status_model_priority_owner_created_and_duration(self, staff: Client, alice: APIClient) -> None:
         done = accept(alice, priority=9)
-        tasks.process_next()
+        runner.run_one()
         running = accept(alice, priority=8)
         jobs.claim_next()
         waiting = accept(alice, model="echo-slow", priority=2)
@@ -225,7 +225,7 @@ class TestFilters:
     @RUNS_THE_WORKER
     def test_it_filters_by_status(self, staff: Client, alice: APIClient) -> None:
         done = accept(alice, priority=9)
-        tasks.process_next()
+        runner.run_one()
         waiting = accept(alice)
 
         assert listed_ids(staff.get(LIST, {"status__exact": "completed"})) == {done.message_id}
@@ -264,7 +264,7 @@ class TestCancelSelected:
     @RUNS_THE_WORKER
     def test_it_cancels_pending_and_processing_messages_and_leaves_finished_ones(self, staff: Client, alice: APIClient) -> None:
         done = accept(alice, priority=10)
-        tasks.process_next()
+        runner.run_one()
         running = accept(alice, priority=9, correlation_id="order-9")
         jobs.claim_next()
         waiting = accept(alice, priority=1)
@@ -291,7 +291,7 @@ class TestCancelSelected:
     @RUNS_THE_WORKER
     def test_it_says_so_when_nothing_could_be_cancelled(self, staff: Client, alice: APIClient) -> None:
         done = accept(alice)
-        tasks.process_next()
+        runner.run_one()
 
         response = staff.post(LIST, {"action": "cancel_selected", "_selected_action": [done.pk]})
 
@@ -313,7 +313,7 @@ class TestCancelButton:
     @RUNS_THE_WORKER
     def test_it_shows_the_button_for_a_pending_message_only(self, staff: Client, alice: APIClient) -> None:
         done = accept(alice, priority=9)
-        tasks.process_next()
+        runner.run_one()
         waiting = accept(alice)
 
         assert f'action="{cancel_url(waiting)}"' in staff.get(change_url(waiting)).content.decode()
@@ -335,7 +335,7 @@ class TestCancelButton:
     @RUNS_THE_WORKER
     def test_it_refuses_to_cancel_a_completed_message(self, staff: Client, alice: APIClient) -> None:
         job = accept(alice)
-        tasks.process_next()
+        runner.run_one()
         job.refresh_from_db()
         result, last_sequence = job.result, job.last_sequence
 
@@ -415,7 +415,7 @@ class TestMessagePage:
     @RUNS_THE_WORKER
     def test_it_escapes_what_it_prints(self, staff: Client, alice: APIClient) -> None:
         job = accept(alice, messages=[{"role": "user", "content": "<script>alert(1)</script>"}])
-        tasks.process_next()
+        runner.run_one()
 
         page = staff.get(change_url(job)).content.decode()
 
@@ -425,7 +425,7 @@ class TestMessagePage:
     @RUNS_THE_WORKER
     def test_it_shows_the_result_and_events_pretty_printed(self, staff: Client, alice: APIClient) -> None:
         job = accept(alice)
-        tasks.process_next()
+        runner.run_one()
 
         page = staff.get(change_url(job)).content.decode()
 

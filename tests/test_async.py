@@ -8,7 +8,7 @@ import re
 import pytest
 from rest_framework.test import APIClient
 
-from messaging import tasks
+from messaging import queue, runner
 from messaging.models import MessageEvent, MessageJob
 from tests.conftest import RUNS_THE_WORKER, VALID_REQUEST
 
@@ -49,7 +49,7 @@ def test_it_defaults_priority_to_five(alice: APIClient) -> None:
 def test_it_runs_the_accepted_message_to_completion(alice: APIClient) -> None:
     message_id = alice.post(ASYNC, VALID_REQUEST, format="json").json()["message_id"]
 
-    assert tasks.process_next() == message_id
+    assert runner.run_one() == message_id
 
     state = alice.get(f"/v1/messages/{message_id}").json()
     assert state["status"] == "completed"
@@ -88,11 +88,12 @@ class TestMessageIdIdempotency:
         assert response.json()["message_id"] == "order-42.try:1"
         assert response["Location"] == "/v1/messages/order-42.try:1"
 
+    @RUNS_THE_WORKER
     def test_it_answers_a_repeat_with_the_current_status_and_no_second_job(self, alice: APIClient) -> None:
         body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10, "temperature": 0.5}
         reordered = {"temperature": 0.5, "max_tokens": 10, "messages": [{"content": "hi", "role": "user"}]}
         alice.post(f"{ASYNC}?message_id=m1", body, format="json")
-        tasks.process_next()
+        runner.run_one()
 
         response = alice.post(f"{ASYNC}?message_id=m1", reordered, format="json")
 
@@ -146,11 +147,12 @@ class TestSecrets:
         assert job.request["mcp_servers"][0]["authorization_token"] == "[redacted]"
         assert job.secrets == {"tool_context": [{"dsn": "postgres://admin:hunter2@db/prod"}], "mcp_tokens": {"files": "tok-SECRET-123"}}
 
+    @RUNS_THE_WORKER
     def test_it_keeps_secrets_out_of_logs_events_and_responses(self, alice: APIClient, caplog: pytest.LogCaptureFixture) -> None:
         caplog.set_level(logging.DEBUG)
         response = alice.post(ASYNC, self.REQUEST, format="json")
         message_id = response.json()["message_id"]
-        tasks.process_next()
+        runner.run_one()
         state = alice.get(f"/v1/messages/{message_id}")
 
         for text in (caplog.text, response.content.decode(), state.content.decode(),
@@ -163,10 +165,10 @@ class TestUnavailableBroker:
     def test_it_answers_503_and_keeps_nothing_when_the_broker_is_down(self, alice: APIClient, monkeypatch: pytest.MonkeyPatch) -> None:
         from redis.exceptions import ConnectionError as RedisConnectionError
 
-        def broker_down(rescue: object = None) -> None:
+        def broker_down() -> None:
             raise RedisConnectionError("Connection refused")
 
-        monkeypatch.setattr(tasks, "enqueue_token", broker_down)
+        monkeypatch.setattr(queue, "enqueue_token", broker_down)
 
         response = alice.post(ASYNC, VALID_REQUEST, format="json")
 

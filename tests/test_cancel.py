@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 from rest_framework.test import APIClient
 
-from messaging import jobs, tasks
+from messaging import jobs, runner
 from messaging.models import MessageJob
+from tests.conftest import RUNS_THE_WORKER
 from tests.test_messages import submit
 
 
@@ -27,7 +28,7 @@ def test_it_cancels_a_pending_message_which_then_never_runs(alice: APIClient) ->
     assert response.status_code == 200
     assert response.json()["status"] == "cancelled"
     assert response.json()["finished_at"] is not None
-    assert tasks.process_next() == "idle"
+    assert runner.run_one() == "idle"
     assert event_types(message_id) == ["pending", "cancelled"]
     assert MessageJob.objects.get(message_id=message_id).attempts == 0
 
@@ -43,9 +44,10 @@ def test_it_answers_200_again_for_a_cancelled_message(alice: APIClient) -> None:
     assert event_types(message_id) == ["pending", "cancelled"]
 
 
+@RUNS_THE_WORKER
 def test_it_refuses_to_cancel_a_completed_message(alice: APIClient) -> None:
     message_id = submit(alice)
-    tasks.process_next()
+    runner.run_one()
 
     response = cancel(alice, message_id)
 

@@ -74,6 +74,13 @@ def test_validation_knows_each_models_limit_and_what_it_ignores(models_file: Pat
     assert ignored.summary["model"] == "gpt" and ignored.summary["max_tokens"] == 1024
 
 
+def test_a_model_may_bound_its_connections_to_the_upstream(tmp_path: Path) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text("[models.vllm]\nprovider = 'openai'\nbase_url = 'http://127.0.0.1:8001/v1'\nmax_tokens = 8192\nmax_connections = 500\n")
+
+    assert catalog.load_models_file(path)[0].options["max_connections"] == 500
+
+
 def test_an_anthropic_model_loads_with_anthropics_api_as_its_default_base_url(tmp_path: Path) -> None:
     path = tmp_path / "models.toml"
     path.write_text("[models.claude]\nprovider = 'anthropic'\nmax_tokens = 8192\napi_key_env = 'ANTHROPIC_API_KEY'\n")
@@ -105,6 +112,8 @@ def test_an_anthropic_model_loads_with_anthropics_api_as_its_default_base_url(tm
         ("[models.echo]\nprovider = 'echo'\nmax_tokens = 10", "[models.echo] is already a model"),
         ("default = 'x'", "unknown top-level keys ['default']"),
         ("[models.x]\nprovider = 'openai'\nmax_tokens = 10\nmax_tokens_field = 'tokens'", "max_tokens_field must be max_tokens or max_completion_tokens"),
+        ("[models.x]\nprovider = 'openai'\nmax_tokens = 10\nmax_connections = 0", "max_connections must be a positive integer"),
+        ("[models.x]\nprovider = 'openai'\nmax_tokens = 10\nmax_attempts = true", "max_attempts must be a positive integer"),
     ],
 )
 def test_it_refuses_a_malformed_file_naming_the_problem(tmp_path: Path, text: str, problem: str) -> None:

@@ -1,24 +1,32 @@
 """The echo provider: a deterministic model whose events look exactly like Anthropic's stream.
 
-These tests need no database and no Django settings.
+These tests need no database and no Django settings. The stream is async; each test runs it on
+an event loop of its own (tests/aio.py), as the runner would.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hashlib
 import json
-import threading
 import time
 import uuid
-from typing import Any
+from collections.abc import AsyncGenerator
+from typing import Any, cast
 from urllib.parse import urlparse
 
 import pytest
 from jsonschema import Draft202012Validator, FormatChecker
 
 from messaging.providers.base import ModelSpec, Provider, ProviderError
-from messaging.providers.echo import NOTHING_TO_ECHO, EchoProvider, estimate_tokens, example_for_schema
+from messaging.providers.echo import (
+    NOTHING_TO_ECHO,
+    EchoProvider,
+    estimate_tokens,
+    example_for_schema,
+)
+from tests import aio
 
 ECHO = ModelSpec(id="echo", provider="echo", max_tokens=8192, default_max_tokens=1024)
 SLOW_DELAY = 0.01
@@ -82,7 +90,7 @@ def make_request(message: str | list[dict] = "Hello there, world!", **fields: An
 
 
 def run(request: dict, spec: ModelSpec = ECHO, message_id: str = "msg_test") -> list[dict]:
-    return list(EchoProvider().stream(request, spec, message_id=message_id))
+    return aio.run(aio.collect(EchoProvider().stream(request, spec, message_id=message_id)))
 
 
 def deltas(events: list[dict], kind: str = "text_delta") -> list[str]:
@@ -527,20 +535,57 @@ def test_echo_slow_sleeps_before_each_word() -> None:
 def test_closing_the_stream_early_stops_it() -> None:
     stream = EchoProvider().stream(make_request("a b c d e f g h"), ECHO_SLOW, message_id="msg_cancel")
 
-    seen = [next(stream) for _ in range(3)]
-    stream.close()
+    async def close_after_three() -> tuple[list[dict], list[dict]]:
+        return await aio.close_when(stream, lambda seen: len(seen) == 3), await aio.collect(stream)
+
+    seen, after = aio.run(close_after_three())
 
     assert [event["type"] for event in seen] == ["message_start", "content_block_start", "content_block_delta"]
-    with pytest.raises(StopIteration):
-        next(stream)
+    assert after == []
 
 
 def test_closing_the_stream_before_it_starts_is_harmless() -> None:
-    stream = EchoProvider().stream(make_request(), ECHO, message_id="msg_cancel")
+    async def close_then_read() -> list[dict]:
+        stream = cast(AsyncGenerator[dict, None], EchoProvider().stream(make_request(), ECHO, message_id="msg_cancel"))
+        await stream.aclose()
+        return await aio.collect(stream)
 
-    stream.close()
+    assert aio.run(close_then_read()) == []
 
-    assert list(stream) == []
+
+def test_it_stops_in_the_middle_of_a_pause_when_cancelled() -> None:
+    slow = ModelSpec(id="echo-slow", provider="echo", max_tokens=8192, default_max_tokens=1024, options={"delay": 60})
+    stream = EchoProvider().stream(make_request("one two three"), slow, message_id="msg_c")
+
+    # Cancelled after content_block_start: the next word waits 60 s.
+    events, stopping = aio.run(aio.cancel_when(stream, lambda events: len(events) == 2))
+
+    assert [e["type"] for e in events] == ["message_start", "content_block_start"]
+    assert stopping < 1
+
+
+@pytest.mark.timeout(60)
+def test_building_a_large_example_leaves_the_event_loop_to_the_other_messages() -> None:
+    # About half a second of CPU: a thousand-token answer of integers.
+    request = make_request(tools=[{"name": "huge", "input_schema": HUGE_SCHEMAS["minItems"]}], tool_choice={"type": "any"}, max_tokens=8192)
+
+    async def tick_while_building() -> int:
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(tick())
+        stream = EchoProvider().stream(request, ECHO, message_id="msg_big")
+        await anext(stream)  # message_start
+        await anext(stream)  # the tool_use block, once the example is built
+        ticker.cancel()
+        return ticks
+
+    assert aio.run(tick_while_building()) >= 5
 
 
 # --- input token estimate --------------------------------------------------------------------
@@ -846,17 +891,3 @@ def test_a_stop_sequence_that_never_appears_changes_nothing() -> None:
     events = run(make_request("one two", stop_sequences=["never"]))
 
     assert next(e for e in events if e["type"] == "message_delta")["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
-
-
-def test_it_stops_in_the_middle_of_a_pause_when_cancelled() -> None:
-    cancelled = threading.Event()
-    slow = ModelSpec(id="echo-slow", provider="echo", max_tokens=8192, default_max_tokens=1024, options={"delay": 60})
-    events = []
-    stream = EchoProvider().stream(make_request("one two three"), slow, message_id="msg_c", cancelled=cancelled)
-    events.append(next(stream))  # message_start
-    events.append(next(stream))  # content_block_start; the next word waits 60 s
-    threading.Timer(0.05, cancelled.set).start()
-
-    events.extend(stream)
-
-    assert [e["type"] for e in events] == ["message_start", "content_block_start"]

@@ -17,10 +17,10 @@ from django.utils import timezone
 from django_q.models import OrmQ
 from django_q.signing import SignedPackage
 
-from messaging import jobs, tasks, worker
+from messaging import jobs, queue
 from messaging.errors import Conflict
-from messaging.events import EventRecorder, build_result
-from messaging.models import MessageEvent, MessageJob, Status, WorkerHeartbeat
+from messaging.events import build_result
+from messaging.models import MessageEvent, MessageJob, Status
 from messaging.serializers import check_request
 
 RESULT = {"id": "msg", "type": "message", "role": "assistant", "model": "echo", "content": [{"type": "text", "text": "Hi"}]}
@@ -51,15 +51,14 @@ def claimed(**fields: Any) -> MessageJob:
     return taken
 
 
-def queued_tokens() -> list[Any]:
-    """What each queued token carries: None (claim the next message) or a rescue (pk, attempt)."""
-    queue = tasks.shared_broker()
-    if tasks.QUEUE_IN_DATABASE:
-        payloads = list(OrmQ.objects.filter(key=queue.list_key).order_by("id").values_list("payload", flat=True))
+def queued_tokens() -> list[str]:
+    """The function each queued token calls."""
+    broker = queue.shared_broker()
+    if queue.QUEUE_IN_DATABASE:
+        payloads = list(OrmQ.objects.filter(key=broker.list_key).order_by("id").values_list("payload", flat=True))
     else:
-        payloads = queue.connection.lrange(queue.list_key, 0, -1)
-    carried = [SignedPackage.loads(payload)["args"][0] for payload in payloads]
-    return [None if rescue is None else tuple(rescue) for rescue in carried]
+        payloads = broker.connection.lrange(broker.list_key, 0, -1)
+    return [SignedPackage.loads(payload)["func"] for payload in payloads]
 
 
 def stream(job: MessageJob) -> list[tuple[int, str, Any]]:
@@ -108,14 +107,14 @@ def test_accept_stores_the_message_its_pending_event_and_one_token(db: None) -> 
     assert events == [(1, "status", {"type": "status", "status": "pending", "correlation_id": "order-42"})]
     # With the ORM broker the token is a row written in the message's transaction; with Redis
     # it is pushed once the message is committed. Either way there is exactly one.
-    assert queued_tokens() == [None]
+    assert queued_tokens() == [queue.TOKEN_TASK]
 
 
 def test_a_message_the_broker_refuses_is_not_stored(db: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    def broker_down(rescue: Any = None) -> None:
+    def broker_down() -> None:
         raise ConnectionError("broker unavailable")
 
-    monkeypatch.setattr(tasks, "enqueue_token", broker_down)
+    monkeypatch.setattr(queue, "enqueue_token", broker_down)
     with pytest.raises(ConnectionError):
         accept()
 
@@ -160,7 +159,8 @@ def test_two_workers_claiming_one_message_never_both_win(transactional_db: None)
 
 def test_two_workers_rescuing_one_message_never_both_win(transactional_db: None) -> None:
     job = claimed()
-    winners = [claim for claim in in_threads(2, lambda: jobs.claim_rescued(job.pk, 1)) if claim is not None]
+    expire_lease(job)
+    winners = [claim for claim in in_threads(2, jobs.claim_next) if claim is not None]
 
     assert len(winners) == 1
     assert winners[0].attempts == 2
@@ -188,14 +188,49 @@ def test_events_are_numbered_one_by_one_without_gaps(db: None) -> None:
 
 def test_a_worker_that_lost_its_message_to_a_rescue_cannot_write(db: None) -> None:
     job = claimed()
-    assert jobs.claim_rescued(job.pk, 1) is not None
+    expire_lease(job)
+    rescued = jobs.claim_next()
+    assert rescued is not None and rescued.attempts == 2
 
     with pytest.raises(jobs.Superseded):
         jobs.append_events(job.pk, 1, [START])
     assert not jobs.complete(job, 1, RESULT)
-    assert not jobs.renew_lease(job.pk, 1)
+    assert jobs.still_ours([(job.pk, 1)]) == set()
     jobs.append_events(job.pk, 2, [START])  # the new attempt's writes go through
-    assert jobs.renew_lease(job.pk, 2)
+    assert jobs.still_ours([(job.pk, 2)]) == {job.pk}
+
+
+def test_one_flush_records_many_messages_and_refuses_only_the_lost_one(db: None) -> None:
+    first, second, third = claimed(), claimed(), claimed()
+    jobs.cancel(second)
+
+    lost = jobs.record(
+        [
+            jobs.Write(first.pk, 1, [START, *TEXT_EVENTS]),
+            jobs.Write(second.pk, 1, [START]),
+            jobs.Write(third.pk, 1, [START], jobs.End(Status.COMPLETED, result=RESULT)),
+        ]
+    )
+
+    assert lost == {second.pk}
+    assert [kind for _, kind, _ in stream(first)] == ["status", "status", "message_start", "content_block_start", "content_block_delta"]
+    assert stream(second)[-1] == (3, "status", "cancelled")
+    third.refresh_from_db()
+    assert (third.status, third.result) == ("completed", RESULT)
+    assert stream(third)[2:] == [(3, "message_start", None), (4, "status", "completed")]
+
+
+def test_one_renewal_keeps_the_leases_of_the_messages_still_ours_only(db: None) -> None:
+    mine, taken_over = claimed(), claimed()
+    expire_lease(mine)
+    expire_lease(taken_over)
+    MessageJob.objects.filter(pk=taken_over.pk).update(attempts=2)
+
+    jobs.renew_leases([(mine.pk, 1), (taken_over.pk, 1)])
+
+    assert jobs.claim_next() is not None  # the one that is not ours any more stays claimable
+    mine.refresh_from_db()
+    assert mine.lease_expires_at is not None and mine.lease_expires_at > timezone.now()
 
 
 # --- cancelling --------------------------------------------------------------------------------
@@ -254,15 +289,12 @@ def test_cancelling_a_cancelled_message_again_changes_nothing(db: None) -> None:
 
 def test_a_cancelled_message_keeps_what_its_events_recorded_and_nothing_after(db: None) -> None:
     job = claimed()
-    recorder = EventRecorder(job.pk, 1, token_deltas=False)
-    for event in [START, *TEXT_EVENTS]:
-        recorder.add(event)
-    recorder.flush()  # "Hi" is recorded
-    recorder.add({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " there"}})
+    jobs.append_events(job.pk, 1, [START, *TEXT_EVENTS])  # "Hi" is recorded
 
     cancelled = jobs.cancel(job)
     with pytest.raises(jobs.Superseded):
-        recorder.flush()  # the worker's next write finds the message is no longer its own
+        # the runner's next write finds the message is no longer its own
+        jobs.append_events(job.pk, 1, [{"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": " there"}}])
 
     job.refresh_from_db()
     assert job.result == cancelled.result
@@ -306,90 +338,62 @@ def test_cancel_many_cancels_only_the_pending_and_processing_messages(db: None, 
 
 
 def test_a_message_with_a_live_lease_is_left_alone(db: None) -> None:
-    job = claimed()
-    tokens = queued_tokens()
-
-    assert jobs.recover_stale() == 0
-    assert queued_tokens() == tokens
+    claimed()
+    assert jobs.claim_next() is None
 
 
-def test_a_message_whose_lease_ran_out_is_queued_for_rescue_once(db: None) -> None:
-    job = claimed()
+def test_a_message_whose_lease_ran_out_is_claimed_again_ahead_of_a_lower_priority_backlog(db: None) -> None:
+    job = claimed(priority=9)
+    backlog = [accept(priority=5) for _ in range(3)]
     expire_lease(job)
 
-    jobs.recover_stale()
-    rescues = [token for token in queued_tokens() if token is not None]
-    assert rescues == [(job.pk, 1)]
-    job.refresh_from_db()
-    assert job.lease_expires_at is not None and job.lease_expires_at > timezone.now()
-    assert (job.status, job.attempts) == ("processing", 1)
+    rescued = jobs.claim_next()
 
-    # The renewed lease holds the message for its rescue token.
-    jobs.recover_stale()
-    assert [token for token in queued_tokens() if token is not None] == rescues
-
-    rescued = jobs.claim_rescued(*rescues[0])
-    assert rescued is not None and rescued.attempts == 2
+    assert rescued is not None and (rescued.pk, rescued.attempts, rescued.status) == (job.pk, 2, "processing")
     assert stream(job)[-1] == (3, "status", "processing")
     assert job.events.get(sequence=3).data["attempt"] == 2
+    assert [claim.pk for claim in jobs.claim(10)] == [waiting.pk for waiting in backlog]
 
 
-def test_a_message_that_lost_its_worker_too_often_ends_as_error(db: None, settings: Any) -> None:
+def test_a_message_that_lost_its_worker_too_often_ends_as_error_keeping_its_words(db: None, settings: Any) -> None:
     settings.MESSAGING_MAX_ATTEMPTS = 2
     job = claimed()
+    jobs.append_events(job.pk, 1, [START, *TEXT_EVENTS])
     expire_lease(job)
-    jobs.recover_stale()
-    assert jobs.claim_rescued(job.pk, 1) is not None
+    assert jobs.claim_next() is not None
     expire_lease(job)
 
-    jobs.recover_stale()
+    assert jobs.claim_next() is None
 
     job.refresh_from_db()
     assert (job.status, job.attempts, job.lease_expires_at) == ("error", 2, None)
     assert job.error["type"] == "api_error"
     assert "2 times" in job.error["message"]
-    assert stream(job)[-2:] == [(4, "error", None), (5, "status", "error")]
-    assert [token for token in queued_tokens() if token is not None] == [(job.pk, 1)]
+    assert job.result["content"] == [{"type": "text", "text": "Hi"}]
+    assert [kind for _, kind, _ in stream(job)][-2:] == ["error", "status"]
+    assert stream(job)[-1][2] == "error"
     # Nothing more to do, ever.
-    jobs.recover_stale()
-    assert stream(job)[-1] == (5, "status", "error")
-    assert jobs.claim_rescued(job.pk, 2) is None
+    assert jobs.claim_next() is None
 
 
-def test_a_watchdog_round_renews_the_lease_of_the_message_its_process_runs(db: None) -> None:
+def test_a_message_handed_back_by_a_stopping_worker_is_pending_again_and_not_a_failure(db: None, settings: Any) -> None:
+    settings.MESSAGING_MAX_ATTEMPTS = 2
     job = claimed()
-    expire_lease(job)
+    tokens = len(queued_tokens())
 
-    with worker.running(job.pk, 1):
-        worker.watch_round("testhost:1")
+    assert jobs.hand_back([(job.pk, 1)]) == 1
+    assert jobs.hand_back([(job.pk, 1)]) == 0  # once
 
     job.refresh_from_db()
-    assert job.lease_expires_at is not None and job.lease_expires_at > timezone.now()
-    assert [token for token in queued_tokens() if token is not None] == []
-    assert WorkerHeartbeat.objects.filter(name="testhost:1").exists()
-
-
-def test_a_watchdog_round_rescues_a_message_no_process_runs(db: None) -> None:
-    job = claimed()
+    assert (job.status, job.attempts, job.handed_back, job.lease_expires_at) == ("pending", 1, 1, None)
+    assert job.events.get(sequence=3).data == {"type": "status", "status": "pending", "reason": "worker_stopped"}
+    assert len(queued_tokens()) == tokens + 1  # another worker is woken for it
+    again = jobs.claim_next()
+    assert again is not None and again.attempts == 2
+    # Its worker dies now: one failure out of two allowed, so it is taken up again.
     expire_lease(job)
-
-    worker.watch_round("testhost:1")
-
-    assert [token for token in queued_tokens() if token is not None] == [(job.pk, 1)]
-
-
-def test_a_pending_message_whose_token_was_lost_gets_a_new_one(db: None, settings: Any) -> None:
-    settings.MESSAGING_LEASE_SECONDS = 5
-    job = accept()
-    assert jobs.requeue_lost() == 0  # its token is queued
-
-    tasks.shared_broker().purge_queue()
-    assert jobs.requeue_lost() == 0  # it has not waited a lease yet: its token may be on the way
-
-    MessageJob.objects.filter(pk=job.pk).update(created_at=timezone.now() - timedelta(seconds=6))
-    assert jobs.requeue_lost() == 1
-    assert queued_tokens() == [None]
-    assert jobs.requeue_lost() == 0
+    rescued = jobs.claim_next()
+    assert rescued is not None and rescued.attempts == 3
 
 
 # --- terminal statuses -------------------------------------------------------------------------
@@ -430,22 +434,20 @@ def test_a_terminal_status_never_changes(db: None, finish: Callable[[], MessageJ
     expire_lease(job)
 
     assert jobs.claim_next() is None
-    assert jobs.claim_rescued(job.pk, 1) is None
     with pytest.raises(jobs.Superseded):
         jobs.append_events(job.pk, 1, [START])
-    assert not jobs.renew_lease(job.pk, 1)
+    assert jobs.still_ours([(job.pk, 1)]) == set()
+    jobs.renew_leases([(job.pk, 1)])
     assert not jobs.complete(job, 1, RESULT)
     assert not jobs.fail(job, 1, Status.ERROR, {"type": "api_error", "message": "again"})
-    assert not jobs.fail(job, None, Status.ERROR, {"type": "api_error", "message": "again"})
+    assert jobs.hand_back([(job.pk, 1)]) == 0
     if before["status"] == "cancelled":
         jobs.cancel(job)
     else:
         with pytest.raises(Conflict):
             jobs.cancel(job)
     assert jobs.cancel_many(MessageJob.objects.all()) == 0
-    jobs.recover_stale()
 
     job.refresh_from_db()
     assert {field: getattr(job, field) for field in fields} == before
     assert stream(job) == events_before
-    assert [token for token in queued_tokens() if token is not None] == []

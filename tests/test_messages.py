@@ -8,8 +8,9 @@ import pytest
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from messaging import tasks
+from messaging import runner
 from messaging.models import MessageJob
+from tests.conftest import RUNS_THE_WORKER
 
 STATE_FIELDS = {
     "message_id", "status", "model", "priority", "correlation_id", "created_at",
@@ -38,9 +39,10 @@ class TestGetMessage:
         assert state["created_at"].endswith("Z")
         assert (state["started_at"], state["finished_at"], state["result"], state["error"], state["attempts"]) == (None, None, None, None, 0)
 
+    @RUNS_THE_WORKER
     def test_it_shows_a_completed_message_with_its_result_and_usage(self, alice: APIClient) -> None:
         message_id = submit(alice, "four words right here")
-        tasks.process_next()
+        runner.run_one()
 
         state = alice.get(f"/v1/messages/{message_id}").json()
 
@@ -58,9 +60,10 @@ class TestGetMessage:
             "usage": {"input_tokens": state["result"]["usage"]["input_tokens"], "output_tokens": 4},
         }
 
+    @RUNS_THE_WORKER
     def test_it_shows_max_tokens_as_the_stop_reason(self, alice: APIClient) -> None:
         message_id = submit(alice, "one two three four five", max_tokens=2)
-        tasks.process_next()
+        runner.run_one()
 
         result = alice.get(f"/v1/messages/{message_id}").json()["result"]
 
@@ -130,9 +133,10 @@ class TestListMessages:
         assert response.status_code == 400
         assert response.json()["error"]["errors"][0].startswith("limit:")
 
+    @RUNS_THE_WORKER
     def test_it_filters_by_status_correlation_id_and_model(self, alice: APIClient) -> None:
         done = submit(alice, "done", correlation_id="c-1")
-        tasks.process_next()
+        runner.run_one()
         waiting = submit(alice, "waiting", correlation_id="c-2", model="echo-slow")
 
         def ids(query: str) -> list[str]:

@@ -2,24 +2,25 @@
 over real HTTP (tests/upstreams.py): the request it sends, the events it yields, and what it
 does when the upstream fails at every step.
 
-Retry waits go through an injected `sleep` that records them instead of sleeping, and a
-`rand` of 1.0 makes the jitter its upper bound; timeouts are real but a fraction of a second.
+The stream is async; each test runs it on an event loop of its own (tests/aio.py), as the
+runner would. Retry waits go through an injected `sleep` that records them instead of sleeping,
+and a `rand` of 1.0 makes the jitter its upper bound; timeouts are real but a fraction of a
+second.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Generator
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
-from messaging import catalog, jobs, tasks
+from messaging import catalog, jobs, runner
 from messaging.events import build_result
 from messaging.models import MessageJob, Status
 from messaging.providers.anthropic import AnthropicProvider, messages_body
 from messaging.providers.base import ModelSpec, ProviderError
 from messaging.serializers import check_request
+from tests import aio
 from tests.processes import wait_until
 from tests.upstreams import (
     AnthropicUpstream,
@@ -72,7 +73,7 @@ def model(upstream: AnthropicUpstream, *, supports: frozenset[str] = catalog.DEF
 class Sleeps(list):
     """Retry waits asked for, not waited."""
 
-    def __call__(self, cancelled: threading.Event, seconds: float) -> None:
+    async def __call__(self, seconds: float) -> None:
         self.append(seconds)
 
 
@@ -83,14 +84,13 @@ def sleeps() -> Sleeps:
 
 @pytest.fixture
 def provider(sleeps: Sleeps) -> AnthropicProvider:
-    return AnthropicProvider(wait=sleeps, rand=lambda: 1.0)
+    return AnthropicProvider(sleep=sleeps, rand=lambda: 1.0)
 
 
 def run(provider: AnthropicProvider, spec: ModelSpec, request: dict[str, Any] = HELLO) -> tuple[list[dict[str, Any]], ProviderError | None]:
     events: list[dict[str, Any]] = []
     try:
-        for event in provider.stream(request, spec, message_id="msg_test"):
-            events.append(event)
+        aio.run(aio.collect(provider.stream(request, spec, message_id="msg_test"), events))
     except ProviderError as error:
         assert KEY not in error.message and KEY not in str(error)
         return events, error
@@ -587,61 +587,72 @@ def test_a_malformed_event_fails_the_message_and_keeps_what_came_before(anthropi
 
 
 # --- cancellation --------------------------------------------------------------------------------
+# The runner cancels the task that iterates a stream (a cancelled message, its time limit) or
+# closes the stream. Either way the stream stops at once, even while the upstream is silent, and
+# the upstream sees its connection close: the model stops generating.
 
 
 def test_closing_the_stream_closes_the_upstream_connection_at_once(anthropic_upstream: AnthropicUpstream, provider: AnthropicProvider) -> None:
     anthropic_upstream.script(anthropic_streamed([*CUT_START, Drip()]))
-    stream = cast(Generator[dict[str, Any], None, None], provider.stream(HELLO, model(anthropic_upstream), message_id="msg_test"))
-    for event in stream:
-        if event["type"] == "content_block_delta":
-            break
-    stream.close()
+    stream = provider.stream(HELLO, model(anthropic_upstream), message_id="msg_test")
+
+    events = aio.run(aio.close_when(stream, lambda events: events[-1]["type"] == "content_block_delta"))
+
+    assert types(events)[-1] == "content_block_delta"
     wait_until(lambda: anthropic_upstream.disconnects == 1, timeout=10, what="the upstream to see its client go away")
 
 
-def consume_until_cancelled(provider: AnthropicProvider, spec: ModelSpec) -> list[dict[str, Any]]:
-    """The events a stream yields when `cancelled` is set once it has started; fails if the
-    stream does not stop soon after (a silent upstream would otherwise hold it for 20 s)."""
-    cancelled = threading.Event()
-    events: list[dict[str, Any]] = []
+def test_a_cancel_while_the_model_is_silent_stops_at_once_and_closes_the_upstream_connection(anthropic_upstream: AnthropicUpstream) -> None:
+    anthropic_upstream.script(anthropic_streamed([*CUT_START, Stall(30)]))
+    stream = AnthropicProvider().stream(HELLO, model(anthropic_upstream, read_timeout=30), message_id="msg_test")
 
-    def consume() -> None:
-        for event in provider.stream(HELLO, spec, message_id="msg_test", cancelled=cancelled):
-            events.append(event)
+    events, stopping = aio.run(aio.cancel_when(stream, lambda events: len(events) == 3))
 
-    consumer = threading.Thread(target=consume, daemon=True)
-    consumer.start()
-    threading.Timer(0.3, cancelled.set).start()
-    consumer.join(timeout=10)
-    assert not consumer.is_alive(), "the stream went on after its message was cancelled"
-    return events
-
-
-def test_a_cancel_while_the_model_is_silent_shuts_the_upstream_connection(anthropic_upstream: AnthropicUpstream) -> None:
-    # Comments keep the connection busy without an event: the consumer never gets control.
-    anthropic_upstream.script(anthropic_streamed([*CUT_START, Drip(interval=0.05)]))
-    events = consume_until_cancelled(AnthropicProvider(), model(anthropic_upstream, read_timeout=30))
     assert events == [start_event(), *PARTIAL[:2]]
+    assert stopping < 1
+    wait_until(lambda: anthropic_upstream.disconnects == 1, timeout=10, what="the upstream to see its client go away")
     assert anthropic_upstream.attempts == 1
+
+
+def test_a_cancel_while_waiting_for_the_response_stops_at_once_and_closes_the_upstream_connection(anthropic_upstream: AnthropicUpstream) -> None:
+    anthropic_upstream.script(Reply(delay=30, stream=anthropic_text_stream("late")))
+    stream = AnthropicProvider().stream(HELLO, model(anthropic_upstream, read_timeout=30), message_id="msg_test")
+
+    events, stopping = aio.run(aio.cancel_when(stream, lambda _: anthropic_upstream.attempts == 1))
+
+    assert events == [] and stopping < 1
     wait_until(lambda: anthropic_upstream.disconnects == 1, timeout=10, what="the upstream to see its client go away")
 
 
-def test_a_cancel_while_waiting_for_the_response_stops_at_once(anthropic_upstream: AnthropicUpstream) -> None:
-    anthropic_upstream.script(Reply(delay=20, stream=anthropic_text_stream("late")))
-    assert consume_until_cancelled(AnthropicProvider(), model(anthropic_upstream, read_timeout=30)) == []
-    assert anthropic_upstream.attempts == 1
-
-
-def test_a_cancel_during_a_retry_wait_stops_without_another_attempt(anthropic_upstream: AnthropicUpstream) -> None:
+def test_a_cancel_during_a_retry_wait_stops_at_once_without_another_attempt(anthropic_upstream: AnthropicUpstream) -> None:
     anthropic_upstream.script(anthropic_error_reply(429, "Slow down", error_type="rate_limit_error", headers={"Retry-After": "20"}))
-    assert consume_until_cancelled(AnthropicProvider(), model(anthropic_upstream)) == []
+    waits = aio.CountedSleep()
+    stream = AnthropicProvider(sleep=waits).stream(HELLO, model(anthropic_upstream), message_id="msg_test")
+
+    events, stopping = aio.run(aio.cancel_when(stream, lambda _: waits.begun == 1))
+
+    assert events == [] and stopping < 1
     assert anthropic_upstream.attempts == 1
 
 
-# --- through the worker --------------------------------------------------------------------------
+# --- connections ---------------------------------------------------------------------------------
 
 
-def test_a_message_on_an_anthropic_model_completes_through_the_worker(
+def test_consecutive_messages_share_one_kept_alive_connection(anthropic_upstream: AnthropicUpstream, provider: AnthropicProvider) -> None:
+    # The stream ends with message_stop, then the body's end: read, it frees the connection.
+    anthropic_upstream.script(anthropic_streamed(anthropic_text_stream("Hello", " there")), anthropic_streamed(anthropic_text_stream("Hello", " there")))
+
+    async def two_messages() -> list[list[dict[str, Any]]]:
+        return [await aio.collect(provider.stream(HELLO, model(anthropic_upstream), message_id="msg_test")) for _ in range(2)]
+
+    assert aio.run(two_messages()) == [[start_event(), *TEXT_EVENTS]] * 2
+    assert len({received.client_port for received in anthropic_upstream.requests}) == 1
+
+
+# --- through the runner --------------------------------------------------------------------------
+
+
+def test_a_message_on_an_anthropic_model_completes_through_the_runner(
     transactional_db: None, anthropic_upstream: AnthropicUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(catalog.models(), "claude-local", model(anthropic_upstream))
@@ -651,10 +662,7 @@ def test_a_message_on_an_anthropic_model_completes_through_the_worker(
     checked = check_request({"model": "claude-local", "messages": [{"role": "user", "content": "Hi"}], "correlation_id": "c-1"}, endpoint="async")
     assert checked.valid, checked.errors
     jobs.accept("alice", checked)
-    job = jobs.claim_next()
-    assert job is not None
-    tasks.run(job)
-    job = MessageJob.objects.get(pk=job.pk)
+    job = MessageJob.objects.get(message_id=runner.run_one())
     assert job.status == Status.COMPLETED
     assert job.result["id"] == job.message_id and job.result["model"] == "claude-local"
     assert job.result["content"] == [{"type": "text", "text": "Hello there"}]

@@ -2,27 +2,30 @@
 over real HTTP (tests/upstreams.py): the request it sends, the events it yields, and what it
 does when the upstream fails at every step.
 
-Retry waits go through an injected `sleep` that records them instead of sleeping, and a
-`rand` of 1.0 makes the jitter its upper bound; timeouts are real but a fraction of a second.
+The stream is async; each test runs it on an event loop of its own (tests/aio.py), as the
+runner would. Retry waits go through an injected `sleep` that records them instead of sleeping,
+and a `rand` of 1.0 makes the jitter its upper bound; timeouts are real but a fraction of a
+second.
 """
 
 from __future__ import annotations
 
-import threading
+import asyncio
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
-from collections.abc import Callable, Generator
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
-from messaging import catalog, jobs, tasks
+from messaging import catalog, jobs, runner
 from messaging.events import build_result
 from messaging.models import MessageJob, Status
-from messaging.providers.base import ModelSpec, ProviderError
+from messaging.providers.base import SAMPLING_FIELDS, ModelSpec, ProviderError
 from messaging.providers.openai import OpenAIProvider, chat_completions_body
-from messaging.providers.retry import retry_after_seconds
+from messaging.providers.retry import Attempts, RetryPolicy, retry_after_seconds
 from messaging.serializers import check_request
+from tests import aio
 from tests.processes import wait_until
 from tests.upstreams import (
     Drip,
@@ -37,12 +40,11 @@ from tests.upstreams import (
     streamed,
     text_stream,
     tool_stream,
-    usage_chunk,
 )
 
 KEY = "sk-test-0123456789abcdefSECRET"
 KEY_ENV = "HELPER_OPENAI_TEST_KEY"
-ALL_SAMPLING = frozenset(catalog.SAMPLING_FIELDS)
+ALL_SAMPLING = frozenset(SAMPLING_FIELDS)
 HELLO = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 50}
 
 
@@ -76,7 +78,7 @@ def model(upstream: OpenAIUpstream, *, supports: frozenset[str] = ALL_SAMPLING, 
 class Sleeps(list):
     """Retry waits asked for, not waited."""
 
-    def __call__(self, cancelled: threading.Event, seconds: float) -> None:
+    async def __call__(self, seconds: float) -> None:
         self.append(seconds)
 
 
@@ -87,14 +89,13 @@ def sleeps() -> Sleeps:
 
 @pytest.fixture
 def provider(sleeps: Sleeps) -> OpenAIProvider:
-    return OpenAIProvider(wait=sleeps, rand=lambda: 1.0)
+    return OpenAIProvider(sleep=sleeps, rand=lambda: 1.0)
 
 
 def run(provider: OpenAIProvider, spec: ModelSpec, request: dict[str, Any] = HELLO) -> tuple[list[dict[str, Any]], ProviderError | None]:
     events: list[dict[str, Any]] = []
     try:
-        for event in provider.stream(request, spec, message_id="msg_test"):
-            events.append(event)
+        aio.run(aio.collect(provider.stream(request, spec, message_id="msg_test"), events))
     except ProviderError as error:
         assert KEY not in error.message and KEY not in str(error)
         return events, error
@@ -666,54 +667,92 @@ def test_a_stream_that_finished_but_lost_its_usage_and_done_still_completes(
 
 
 # --- cancellation --------------------------------------------------------------------------------
+# The runner cancels the task that iterates a stream (a cancelled message, its time limit) or
+# closes the stream. Either way the stream stops at once, even while the upstream is silent, and
+# the upstream sees its connection close: the model stops generating.
 
 
 def test_closing_the_stream_closes_the_upstream_connection_at_once(openai_upstream: OpenAIUpstream, provider: OpenAIProvider) -> None:
     openai_upstream.script(streamed([chunk({"role": "assistant", "content": ""}), chunk({"content": "Hel"}), Drip()]))
-    stream = cast(Generator[dict[str, Any], None, None], provider.stream(HELLO, model(openai_upstream), message_id="msg_test"))
-    for event in stream:
-        if event["type"] == "content_block_delta":
-            break
-    stream.close()
+    stream = provider.stream(HELLO, model(openai_upstream), message_id="msg_test")
+
+    events = aio.run(aio.close_when(stream, lambda events: events[-1]["type"] == "content_block_delta"))
+
+    assert types(events)[-1] == "content_block_delta"
     wait_until(lambda: openai_upstream.disconnects == 1, timeout=10, what="the upstream to see its client go away")
 
 
-def consume_until_cancelled(provider: OpenAIProvider, spec: ModelSpec) -> list[dict[str, Any]]:
-    """The events a stream yields when `cancelled` is set once it has started; fails if the
-    stream does not stop soon after (a silent upstream would otherwise hold it for 20 s)."""
-    cancelled = threading.Event()
-    events: list[dict[str, Any]] = []
+def test_a_cancel_while_the_model_is_silent_stops_at_once_and_closes_the_upstream_connection(openai_upstream: OpenAIUpstream) -> None:
+    openai_upstream.script(streamed([chunk({"role": "assistant", "content": ""}), chunk({"content": "Hel"}), Stall(30)]))
+    stream = OpenAIProvider().stream(HELLO, model(openai_upstream, read_timeout=30), message_id="msg_test")
 
-    def consume() -> None:
-        for event in provider.stream(HELLO, spec, message_id="msg_test", cancelled=cancelled):
-            events.append(event)
+    events, stopping = aio.run(aio.cancel_when(stream, lambda events: len(events) == 3))
 
-    consumer = threading.Thread(target=consume, daemon=True)
-    consumer.start()
-    threading.Timer(0.3, cancelled.set).start()
-    consumer.join(timeout=10)
-    assert not consumer.is_alive(), "the stream went on after its message was cancelled"
-    return events
-
-
-def test_a_cancel_while_the_model_is_silent_shuts_the_upstream_connection(openai_upstream: OpenAIUpstream) -> None:
-    # Comments keep the connection busy without an event: the consumer never gets control.
-    openai_upstream.script(streamed([chunk({"role": "assistant", "content": ""}), chunk({"content": "Hel"}), Drip(interval=0.05)]))
-    events = consume_until_cancelled(OpenAIProvider(), model(openai_upstream, read_timeout=30))
     assert events == [start_event(), *PARTIAL[:2]]
+    assert stopping < 1
+    wait_until(lambda: openai_upstream.disconnects == 1, timeout=10, what="the upstream to see its client go away")
+    assert openai_upstream.attempts == 1
+
+
+def test_a_cancel_while_waiting_for_the_response_stops_at_once_and_closes_the_upstream_connection(openai_upstream: OpenAIUpstream) -> None:
+    openai_upstream.script(Reply(delay=30, stream=text_stream("late")))
+    stream = OpenAIProvider().stream(HELLO, model(openai_upstream, read_timeout=30), message_id="msg_test")
+
+    events, stopping = aio.run(aio.cancel_when(stream, lambda _: openai_upstream.attempts == 1))
+
+    assert events == [] and stopping < 1
     wait_until(lambda: openai_upstream.disconnects == 1, timeout=10, what="the upstream to see its client go away")
 
 
-def test_a_cancel_while_waiting_for_the_response_stops_at_once(openai_upstream: OpenAIUpstream) -> None:
-    openai_upstream.script(Reply(delay=20, stream=text_stream("late")))
-    assert consume_until_cancelled(OpenAIProvider(), model(openai_upstream, read_timeout=30)) == []
-    assert openai_upstream.attempts == 1
-
-
-def test_a_cancel_during_a_retry_wait_stops_without_another_attempt(openai_upstream: OpenAIUpstream) -> None:
+def test_a_cancel_during_a_retry_wait_stops_at_once_without_another_attempt(openai_upstream: OpenAIUpstream) -> None:
     openai_upstream.script(error_reply(429, "Slow down", error_type="rate_limit_error", headers={"Retry-After": "20"}))
-    assert consume_until_cancelled(OpenAIProvider(), model(openai_upstream)) == []
+    waits = aio.CountedSleep()
+    stream = OpenAIProvider(sleep=waits).stream(HELLO, model(openai_upstream), message_id="msg_test")
+
+    events, stopping = aio.run(aio.cancel_when(stream, lambda _: waits.begun == 1))
+
+    assert events == [] and stopping < 1
     assert openai_upstream.attempts == 1
+
+
+# --- connections ---------------------------------------------------------------------------------
+
+
+def test_consecutive_messages_share_one_kept_alive_connection(openai_upstream: OpenAIUpstream, provider: OpenAIProvider) -> None:
+    openai_upstream.script(streamed(text_stream("Hello", " there")), streamed(text_stream("Hello", " there")))
+
+    async def two_messages() -> list[list[dict[str, Any]]]:
+        return [await aio.collect(provider.stream(HELLO, model(openai_upstream), message_id="msg_test")) for _ in range(2)]
+
+    assert aio.run(two_messages()) == [[start_event(), *TEXT_EVENTS]] * 2
+    assert len({received.client_port for received in openai_upstream.requests}) == 1
+
+
+def run_at_once(provider: OpenAIProvider, spec: ModelSpec, count: int) -> list[list[dict[str, Any]]]:
+    async def all_at_once() -> list[list[dict[str, Any]]]:
+        return await asyncio.gather(*(aio.collect(provider.stream(HELLO, spec, message_id=f"msg_{n}")) for n in range(count)))
+
+    return aio.run(all_at_once())
+
+
+def test_hundreds_of_messages_in_flight_are_not_held_back_by_a_connection_limit(openai_upstream: OpenAIUpstream, provider: OpenAIProvider) -> None:
+    # httpx allows 100 connections by default: the runner alone bounds what is in flight.
+    openai_upstream.script(*(Reply(delay=1, stream=text_stream("Hello", " there")) for _ in range(200)))
+
+    answers = run_at_once(provider, model(openai_upstream), 200)
+
+    assert all(types(events)[-1] == "message_stop" for events in answers)
+    assert openai_upstream.attempts == 200
+    assert openai_upstream.peak_in_flight >= 150
+
+
+def test_a_models_max_connections_bounds_its_calls_in_flight(openai_upstream: OpenAIUpstream, provider: OpenAIProvider) -> None:
+    openai_upstream.script(*(Reply(delay=0.1, stream=text_stream("Hello", " there")) for _ in range(12)))
+
+    answers = run_at_once(provider, model(openai_upstream, max_connections=3), 12)
+
+    assert all(types(events)[-1] == "message_stop" for events in answers)
+    assert openai_upstream.peak_in_flight == 3
 
 
 # --- what a failure says ------------------------------------------------------------------------
@@ -774,10 +813,10 @@ def test_an_unusable_base_url_is_named_without_the_url(openai_upstream: OpenAIUp
     assert error.message == f"Cannot call {NAME[0].lower() + NAME[1:]}: its base_url cannot be used (UnsupportedProtocol)."
 
 
-# --- through the worker --------------------------------------------------------------------------
+# --- through the runner --------------------------------------------------------------------------
 
 
-def test_a_message_on_an_openai_model_completes_through_the_worker(
+def test_a_message_on_an_openai_model_completes_through_the_runner(
     transactional_db: None, openai_upstream: OpenAIUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(catalog.models(), "local-model", model(openai_upstream))
@@ -785,10 +824,7 @@ def test_a_message_on_an_openai_model_completes_through_the_worker(
     checked = check_request({"model": "local-model", "messages": [{"role": "user", "content": "Hi"}], "correlation_id": "c-1"}, endpoint="async")
     assert checked.valid, checked.errors
     jobs.accept("alice", checked)
-    job = jobs.claim_next()
-    assert job is not None
-    tasks.run(job)
-    job = MessageJob.objects.get(pk=job.pk)
+    job = MessageJob.objects.get(message_id=runner.run_one())
     assert job.status == Status.COMPLETED
     assert job.result["content"] == [{"type": "text", "text": "Hello there"}]
     assert job.result["usage"] == {"input_tokens": 10, "output_tokens": 3}
@@ -798,16 +834,13 @@ def test_a_message_on_an_openai_model_completes_through_the_worker(
 
 
 def test_a_message_whose_upstream_refuses_it_ends_failed_without_the_key(
-    db: None, openai_upstream: OpenAIUpstream, monkeypatch: pytest.MonkeyPatch
+    transactional_db: None, openai_upstream: OpenAIUpstream, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setitem(catalog.models(), "local-model", model(openai_upstream))
     openai_upstream.script(error_reply(401, f"Incorrect API key provided: {KEY}.", error_type="invalid_api_key"))
     checked = check_request({"model": "local-model", "messages": [{"role": "user", "content": "Hi"}]}, endpoint="async")
     jobs.accept("alice", checked)
-    job = jobs.claim_next()
-    assert job is not None
-    tasks.run(job)
-    job = MessageJob.objects.get(pk=job.pk)
+    job = MessageJob.objects.get(message_id=runner.run_one())
     assert job.status == Status.FAILED
     assert job.error["type"] == "authentication_error"
     assert job.error["message"] == f"{NAME} answered 401: Incorrect API key provided: [redacted]."
@@ -839,3 +872,30 @@ def test_retry_after_reads_seconds_and_http_dates(value: str | None, seconds: fl
 def test_retry_after_reads_a_future_http_date_relative_to_now() -> None:
     midnight = datetime(2099, 1, 1, tzinfo=timezone.utc).timestamp()
     assert retry_after_seconds("Thu, 01 Jan 2099 00:00:10 GMT", now=lambda: midnight) == 10.0
+
+
+# --- the retry policy ----------------------------------------------------------------------------
+
+
+def test_the_retry_policy_says_how_long_to_wait_until_no_attempt_is_left() -> None:
+    attempts = Attempts(RetryPolicy(max_attempts=3, deadline=60, base_delay=1, max_delay=3), clock=lambda: 0.0, rand=lambda: 1.0)
+    waits = []
+    while True:
+        attempts.start()
+        delay = attempts.delay_before_retry()
+        if delay is None:
+            break
+        waits.append(delay)
+    assert waits == [1.0, 2.0]
+    assert attempts.count == 3
+
+
+def test_a_wait_that_would_end_past_the_deadline_is_not_started() -> None:
+    now = 0.0
+    attempts = Attempts(RetryPolicy(max_attempts=10, deadline=10), clock=lambda: now, rand=lambda: 1.0)
+    attempts.start()
+    assert attempts.delay_before_retry(retry_after=10) == 10
+    assert attempts.delay_before_retry(retry_after=10.5) is None
+    now = 8.0
+    assert attempts.delay_before_retry() == 0.5
+    assert attempts.delay_before_retry(retry_after=3) is None

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from rest_framework.test import APIClient
 
-from messaging import tasks
+from messaging import runner
 from messaging.models import APIKey, MessageJob
 from tests.conftest import RUNS_THE_WORKER
 from tests.processes import Server
@@ -53,7 +53,7 @@ def output_problem(schema: Any, answer: Any) -> str | None:
     """What the worker says about `answer`, given as the model's text, under `schema`."""
     request = {"response_format": json_format(schema)}
     result = {"content": [{"type": "text", "text": json.dumps(answer)}], "stop_reason": "end_turn"}
-    return tasks._output_problem(request, result)
+    return runner.output_problem(request, result)
 
 
 # --- base64 ------------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ def test_an_answer_nested_too_deeply_to_read_is_a_failure_not_a_crash() -> None:
     request = {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "array"}}}}
     result = {"stop_reason": "end_turn", "content": [{"type": "text", "text": "[" * 100_000 + "]" * 100_000}]}
 
-    assert tasks._output_problem(request, result) == "The model's answer is JSON nested too deeply to read."
+    assert runner.output_problem(request, result) == "The model's answer is JSON nested too deeply to read."
 
 
 class Recorder(BaseHTTPRequestHandler):
@@ -263,7 +263,7 @@ def test_a_message_with_a_nested_quantifier_pattern_runs_promptly(alice: APIClie
     body = {"model": "echo", "messages": [{"role": "user", "content": BACKTRACKING_BAIT}], **fields}
     message_id = alice.post(ASYNC, body, format="json").json()["message_id"]
 
-    assert tasks.process_next() == message_id
+    assert runner.run_one() == message_id
 
     state = alice.get(f"/v1/messages/{message_id}").json()
     assert state["status"] == "completed", state["error"]
@@ -278,7 +278,7 @@ def test_a_schema_asking_for_a_hundred_million_characters_stores_a_small_result(
     body = {"model": "echo", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}], "response_format": json_format(schema)}
     message_id = alice.post(ASYNC, body, format="json").json()["message_id"]
 
-    tasks.process_next()
+    runner.run_one()
 
     job = MessageJob.objects.get(message_id=message_id)
     assert job.status == "completed"  # cut short, like a real model's answer: not checked

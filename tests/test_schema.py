@@ -14,6 +14,7 @@ from rest_framework.test import APIClient
 
 from messaging.docs import ASYNC_EXAMPLES, STATE_EXAMPLES, VALIDATE_EXAMPLES
 from messaging.serializers import check_request
+from tests.conftest import RUNS_THE_WORKER
 
 pytestmark = pytest.mark.django_db
 
@@ -175,12 +176,13 @@ def test_the_validate_example_matches_what_the_service_answers(alice: APIClient)
     assert alice.post("/v1/messages/validate", request_example, format="json").json() == valid_example
 
 
+@RUNS_THE_WORKER
 def test_the_completed_example_matches_what_the_service_answers(alice: APIClient) -> None:
-    from messaging import tasks
+    from messaging import runner
 
     request_example = next(e.value for e in ASYNC_EXAMPLES if e.request_only)
     message_id = alice.post("/v1/messages/async", request_example, format="json").json()["message_id"]
-    tasks.process_next()
+    runner.run_one()
     state = alice.get(f"/v1/messages/{message_id}").json()
     example = STATE_EXAMPLES[0].value
 

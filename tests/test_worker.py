@@ -172,7 +172,8 @@ def test_a_higher_priority_message_starts_before_an_earlier_backlog(api: Api, st
     low = [api.submit(f"low {number}", priority=0) for number in range(6)]
     high = api.submit("high", priority=10)
 
-    start_cluster(MESSAGING_WORKERS=1)
+    # One slot: each start is a choice of the next message.
+    start_cluster(MESSAGING_WORKERS=1, MESSAGING_CONCURRENCY=1)
 
     for message_id in [*low, high]:
         api.wait_for_status(message_id, "completed")
@@ -204,14 +205,14 @@ def test_a_message_that_keeps_losing_its_worker_ends_as_error_and_is_not_run_aga
     assert [event["type"] for event in stream[-2:]] == ["error", "status"]
     assert stream[-2]["error"] == state["error"]
 
-    # Let the watchdogs look again, well after the lease of the last attempt ran out.
+    # Let the runners look again, well after the lease of the last attempt ran out.
     finished = MessageJob.objects.get(message_id=message_id).finished_at
     assert finished is not None
     wait_until(
         lambda: WorkerHeartbeat.objects.filter(
             seen_at__gt=finished + timedelta(seconds=LEASE_SECONDS + 2 * RECOVERY_INTERVAL)
         ).exists(),
-        what="the watchdog to run a few rounds after the message ended",
+        what="the runners to run a few rounds after the message ended",
     )
     assert events(message_id) == stream
     assert api.message(message_id)["attempts"] == 2

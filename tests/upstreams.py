@@ -7,19 +7,24 @@ streaming Chat Completions: `Content-Type: text/event-stream`, chunked transfer 
 `data: [DONE]`. Errors are JSON bodies `{"error": {"message", "type", "param", "code"}}`.
 
 A test scripts the replies, one per request in order (`upstream.script(reply, reply...)`), and
-reads back what each request carried (`upstream.requests`). A streamed reply is a list of
-items: a dict is a chunk, "[DONE]" the end marker, and the actions below misbehave on purpose
-(stall, reset the connection, send raw bytes, or keep the connection alive until the client
-goes away, which is how a test sees that a cancelled client stopped the generation).
+reads back what each request carried (`upstream.requests`, with the client's port: requests
+from one port came over one kept-alive connection) and how many were answered at once at the
+most (`upstream.peak_in_flight`). A streamed reply is a list of items: a dict is a chunk,
+"[DONE]" the end marker, and the actions below misbehave on purpose (stall, reset the
+connection, send raw bytes, or keep sending comments). A client that goes away while its
+reply stalls or drips is counted in `upstream.disconnects`: that is how a test sees that a
+cancelled client stopped the generation.
 """
 
 from __future__ import annotations
 
 import json
+import select
 import socket
 import struct
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,7 +40,7 @@ SERVED_MODEL = "served-model"
 
 @dataclass(frozen=True)
 class Stall:
-    """Say nothing for this long (cut short when the server stops)."""
+    """Say nothing for this long (cut short when the server stops or the client goes away)."""
 
     seconds: float
 
@@ -67,7 +72,8 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes | None = None
     stream: list[Any] = field(default_factory=list)
-    # Silence before the status line: a server that accepted the connection and hangs.
+    # Silence before the status line: a server that accepted the connection and hangs (cut
+    # short like a Stall).
     delay: float = 0.0
 
 
@@ -76,6 +82,7 @@ class Received:
     path: str
     headers: dict[str, str]  # names in lower case
     body: Any
+    client_port: int = 0
 
 
 def chunk(delta: dict[str, Any] | None = None, finish_reason: str | None = None, **choice: Any) -> dict[str, Any]:
@@ -150,16 +157,22 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(raw)
         except ValueError:
             body = raw
-        upstream.requests.append(Received(self.path, {name.lower(): value for name, value in self.headers.items()}, body))
+        headers = {name.lower(): value for name, value in self.headers.items()}
+        with upstream.lock:
+            upstream.requests.append(Received(self.path, headers, body, self.client_address[1]))
+            upstream.in_flight += 1
+            upstream.peak_in_flight = max(upstream.peak_in_flight, upstream.in_flight)
         reply = upstream.next_reply(self.path)
         try:
             self._answer(reply)
         except OSError:
             self.close_connection = True
+        finally:
+            with upstream.lock:
+                upstream.in_flight -= 1
 
     def _answer(self, reply: Reply) -> None:
-        upstream = self.server.upstream
-        if reply.delay and upstream.stopping.wait(reply.delay):
+        if reply.delay and self._stall(reply.delay):
             return
         self.send_response(reply.status)
         for name, value in reply.headers.items():
@@ -176,7 +189,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         for item in reply.stream:
             if isinstance(item, Stall):
-                if upstream.stopping.wait(item.seconds):
+                if self._stall(item.seconds):
                     return
             elif isinstance(item, Reset):
                 self._reset()
@@ -192,6 +205,31 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(b"data: " + json.dumps(item).encode() + b"\n\n")
         self.wfile.write(b"0\r\n\r\n")
         self.wfile.flush()
+
+    def _stall(self, seconds: float) -> bool:
+        """Say nothing for `seconds`; True when cut short: the server stops, or the client went
+        away (a disconnect)."""
+        upstream = self.server.upstream
+        deadline = time.monotonic() + seconds
+        while not upstream.stopping.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            readable, _, _ = select.select([self.connection], [], [], min(left, 0.05))
+            if readable and self._client_gone():
+                with upstream.lock:
+                    upstream.disconnects += 1
+                self.close_connection = True
+                return True
+            if readable:
+                upstream.stopping.wait(min(left, 0.05))  # bytes from the client: not an end
+        return True
+
+    def _client_gone(self) -> bool:
+        try:
+            return not self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
 
     def _send(self, data: bytes) -> None:
         self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -228,6 +266,8 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
+    # Hundreds of clients may connect at once (the concurrency tests).
+    request_queue_size = 512
     upstream: OpenAIUpstream
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -241,6 +281,8 @@ class OpenAIUpstream:
     def __init__(self) -> None:
         self.requests: list[Received] = []
         self.disconnects = 0
+        self.in_flight = 0
+        self.peak_in_flight = 0
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self._replies: deque[Reply] = deque()

@@ -1,18 +1,15 @@
 """The `anthropic` provider: Anthropic's Messages API with streaming (api.anthropic.com, or
 any server that speaks it: a gateway, a proxy, a compatible local server).
 
-Like the `openai` provider it talks plain HTTP through httpx and reads the event stream with
-httpx-sse rather than through the SDK, so that every attempt goes through our shared retry
-policy (retry.py), and it shares that provider's machinery (openai.py): the cancellation that
-shuts the socket down under a blocked reader (`_Connection`), key scrubbing, error-body
-reading. Those helpers are imported from openai.py rather than moved, to leave that module as
-it is; they are small enough to move to a shared module when a third provider wants them.
+Like the `openai` provider it talks plain HTTP rather than through the vendor's SDK, with the
+machinery both share (http.py): pooled connections, the attempts and their retries, the
+restarts of a cut stream, key and address scrubbing, cancellation.
 
 A model's `options`: `base_url` (the API root, default "https://api.anthropic.com"; requests
 go to {base_url}/v1/messages), `upstream_model`, `api_key_env` (the NAME of the environment
 variable holding the key, sent as `x-api-key`; without it no key header is sent),
 `connect_timeout`, `read_timeout`, `max_attempts`, `retry_deadline`, `retry_base_delay`,
-`retry_max_delay`, as for `openai`.
+`retry_max_delay`, `max_connections`, as for `openai`.
 
 The request: our normalized request is already Anthropic's shape, so it goes nearly as it is:
 messages (text, image, tool_use, tool_result, thinking with its signature), tools,
@@ -32,7 +29,7 @@ refused by the API, so the tool is offered with `tool_choice: auto` instead (bes
 `response_format: {type: "tool_call"}` forces the named tool, or any tool.
 
 The events: Anthropic's own, passed through with the same shapes, except that `message_start`
-carries OUR message id and model id; `ping` is dropped. Failures are as in openai.py: before
+carries OUR message id and model id; `ping` is dropped. Failures are as in http.py: before
 the answer, connection errors, timeouts, 429 (honouring Retry-After), 500/502/503/504 and 529
 are retried within `max_attempts` and `retry_deadline`, any other status fails at once with
 Anthropic's `error.message`. A stream cut in the middle (a reset, `read_timeout` of silence,
@@ -44,34 +41,13 @@ in-stream error fails the message with what was produced kept, its open block cl
 from __future__ import annotations
 
 import json
-import logging
-import os
-import random
-import threading
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import httpx
-import orjson
 from httpx_sse import ServerSentEvent
 
-from messaging import catalog
-from messaging.headers import header_value
-
-from .base import ModelSpec, Provider, ProviderError
-from .openai import (
-    _api_key,
-    _capitalized,
-    _Connection,
-    _stream_with_retries,
-    _StreamCut,
-    _timeout,
-    _Upstream,
-)
-from .retry import Attempts, RetryPolicy
-
-logger = logging.getLogger(__name__)
+from .base import SAMPLING_FIELDS, ModelSpec, ProviderError
+from .http import Answer, HTTPProvider, StreamCut, Upstream, capitalized
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 ANTHROPIC_VERSION = "2023-06-01"
@@ -86,74 +62,18 @@ _KNOWN_ERROR_TYPES = frozenset(
 )
 
 
-class AnthropicProvider(Provider):
-    def __init__(
-        self,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        wait: Callable[[threading.Event, float], object] = threading.Event.wait,
-        rand: Callable[[], float] = random.random,
-    ) -> None:
-        # `wait(cancelled, seconds)` is how a retry waits: cut short by a cancellation.
-        self._clock = clock
-        self._wait = wait
-        self._rand = rand
-        self._lock = threading.Lock()
-        self._client: httpx.Client | None = None
-        self._client_pid: int | None = None
+class AnthropicProvider(HTTPProvider):
+    path = "/v1/messages"
+    default_base_url = DEFAULT_BASE_URL
 
-    def stream(
-        self, request: dict, spec: ModelSpec, *, message_id: str, cancelled: threading.Event | None = None
-    ) -> Iterator[dict]:
-        if cancelled is None:
-            cancelled = threading.Event()
-        connection = _Connection(cancelled)
-        try:
-            yield from self._stream(request, spec, message_id, cancelled, connection)
-        finally:
-            connection.stop()
+    def headers(self, key: str | None) -> dict[str, str]:
+        return {"anthropic-version": ANTHROPIC_VERSION, **({"x-api-key": key} if key else {})}
 
-    def _stream(
-        self, request: dict, spec: ModelSpec, message_id: str, cancelled: threading.Event, connection: _Connection
-    ) -> Iterator[dict]:
-        options = spec.options
-        key = _api_key(spec)
-        upstream = _MessagesUpstream(options.get("base_url") or DEFAULT_BASE_URL, key, spec)
-        headers = {
-            "Accept": "text/event-stream",
-            "Content-Type": "application/json",
-            "anthropic-version": ANTHROPIC_VERSION,
-        }
-        if key:
-            headers["x-api-key"] = key
-        if request.get("correlation_id"):
-            headers["X-Correlation-ID"] = header_value(request["correlation_id"])
-        body = orjson.dumps(messages_body(request, spec))
-        timeout = _timeout(options)
-        attempts = Attempts(
-            RetryPolicy.from_options(options),
-            clock=self._clock,
-            sleep=lambda seconds: self._wait(cancelled, seconds),
-            rand=self._rand,
-        )
-        client = self._http()
-        extensions = {"trace": connection.trace}
-        json_tool = _emulates_json(request)
+    def body(self, request: Mapping[str, Any], spec: ModelSpec) -> dict[str, Any]:
+        return messages_body(request, spec)
 
-        yield from _stream_with_retries(
-            client=client, upstream=upstream, body=body, headers=headers, timeout=timeout, extensions=extensions,
-            attempts=attempts, cancelled=cancelled, message_id=message_id,
-            new_answer=lambda: _Relay(spec, message_id, json_tool),
-        )
-
-    def _http(self) -> httpx.Client:
-        # As in openai.py: one client per process, no kept-alive connections, so that
-        # `_Connection` sees the socket it must shut down to interrupt a silent wait.
-        with self._lock:
-            if self._client is None or self._client_pid != os.getpid():
-                self._client = httpx.Client(follow_redirects=False, limits=httpx.Limits(max_keepalive_connections=0))
-                self._client_pid = os.getpid()
-            return self._client
+    def answer(self, request: Mapping[str, Any], spec: ModelSpec, message_id: str) -> Answer:
+        return _Relay(spec, message_id, _emulates_json(request))
 
 
 # --- the request -----------------------------------------------------------------------------
@@ -177,7 +97,7 @@ def messages_body(request: Mapping[str, Any], spec: ModelSpec) -> dict[str, Any]
             body["system"] = prompt
     # Only the sampling fields the model honours: the others drew a warning saying they are
     # ignored, and the API answers 400 to fields it does not know (min_p, seed...).
-    for name in catalog.SAMPLING_FIELDS:
+    for name in SAMPLING_FIELDS:
         if request.get(name) is not None and name in spec.supports:
             body[name] = request[name]
     if request.get("stop_sequences"):
@@ -229,26 +149,20 @@ def _emulates_json(request: Mapping[str, Any]) -> dict[str, Any] | None:
 # --- the response ----------------------------------------------------------------------------
 
 
-class _MessagesUpstream(_Upstream):
-    def __init__(self, base_url: str, key: str | None, spec: ModelSpec):
-        super().__init__(base_url, key, spec)
-        self.url = base_url.rstrip("/") + "/v1/messages"
-
-
-def _parse_event(data: str, upstream: _Upstream) -> dict[str, Any]:
+def _parse_event(data: str, upstream: Upstream) -> dict[str, Any]:
     try:
         event = json.loads(data)
     except ValueError:
-        raise ProviderError(f"{_capitalized(upstream.name)} sent a malformed event (not JSON).") from None
+        raise ProviderError(f"{capitalized(upstream.name)} sent a malformed event (not JSON).") from None
     if not isinstance(event, dict) or not isinstance(event.get("type"), str):
-        raise ProviderError(f"{_capitalized(upstream.name)} sent a malformed event (not an object with a type).")
+        raise ProviderError(f"{capitalized(upstream.name)} sent a malformed event (not an object with a type).")
     if event["type"] == "error":
         error = event.get("error") if isinstance(event.get("error"), dict) else {}
         kind = error.get("type") if isinstance(error.get("type"), str) else "api_error"
         message = upstream.scrub(str(error.get("message") or kind))
-        text = f"{_capitalized(upstream.name)} reported an error in the stream: {message}"
+        text = f"{capitalized(upstream.name)} reported an error in the stream: {message}"
         if kind in _RESTARTING_ERRORS:
-            raise _StreamCut(text, error_type=kind)
+            raise StreamCut(text, error_type=kind)
         raise ProviderError(text, error_type=kind if kind in _KNOWN_ERROR_TYPES else "api_error")
     return event
 
@@ -266,7 +180,7 @@ class _Relay:
         self.stop_reason: str | None = None
         self.stopped = False
 
-    # `_Answer` (the shared attempt loop in openai.py)
+    # `Answer` (the attempts in http.py)
     @property
     def ended(self) -> bool:
         return self.stopped
@@ -278,7 +192,7 @@ class _Relay:
     def begin(self) -> list[dict[str, Any]]:
         return []  # the upstream sends its own message_start
 
-    def feed(self, sse: ServerSentEvent, upstream: _Upstream) -> list[dict[str, Any]]:
+    def feed(self, sse: ServerSentEvent, upstream: Upstream) -> list[dict[str, Any]]:
         if sse.event == "ping" or not sse.data:
             return []
         return self.event(_parse_event(sse.data, upstream))
@@ -334,7 +248,7 @@ class _Relay:
         if self.stopped:
             return []
         if self.stop_reason is None:
-            raise _StreamCut("the stream ended before the model finished")
+            raise StreamCut("the stream ended before the model finished")
         events = self.abandon()
         self.stopped = True
         return [*events, {"type": "message_stop"}]

@@ -2,16 +2,31 @@
 
 A provider turns a normalized, validated request into a stream of events shaped exactly like
 Anthropic Messages streaming events, whatever the upstream API speaks. Keeping one event shape
-means the worker, the stored message and the API output never need to know which provider ran.
+means the runner, the stored message and the API output never need to know which provider ran.
+
+Providers are asynchronous: a model call is almost all waiting, so one process keeps hundreds
+of them open on one event loop (messaging/runner.py) instead of a thread or a process each.
 """
 
 from __future__ import annotations
 
-import threading
 from abc import ABC, abstractmethod
-from collections.abc import Generator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+# Request fields that tune sampling. A model lists the ones it honours in `supports`; the
+# others draw a validation warning naming them, and providers do not send them.
+SAMPLING_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "top_k",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+)
 
 
 @dataclass(frozen=True)
@@ -20,7 +35,7 @@ class ModelSpec:
     provider: str
     max_tokens: int
     default_max_tokens: int
-    # Optional request fields this model honours; the others draw a validation warning.
+    # The SAMPLING_FIELDS this model honours.
     supports: frozenset[str] = frozenset()
     # Excluded from hashing so that specs stay hashable even though a dict is not.
     options: Mapping[str, Any] = field(default_factory=dict, hash=False)
@@ -38,15 +53,15 @@ class ProviderError(Exception):
 
 class Provider(ABC):
     @abstractmethod
-    def stream(
-        self, request: dict, spec: ModelSpec, *, message_id: str, cancelled: threading.Event | None = None
-    ) -> Generator[dict, None, None]:
-        """Yield the model's events, exactly shaped like Anthropic Messages streaming events
-        (message_start, content_block_start, content_block_delta, content_block_stop, message_delta,
-        message_stop).
+    def stream(self, request: dict, spec: ModelSpec, *, message_id: str) -> AsyncIterator[dict]:
+        """An async generator of the model's events, exactly shaped like Anthropic Messages
+        streaming events (message_start, content_block_start, content_block_delta,
+        content_block_stop, message_delta, message_stop).
 
-        The caller may stop iterating at any time (cancellation): generators must clean up in
-        `finally`. `cancelled` is set, from another thread, the moment the message stops being
-        this worker's (cancelled, taken over, or out of time): stop at once, even in the middle
-        of a silent wait, and close any upstream connection so the model stops generating.
+        Cancellation is asyncio's: the runner cancels the task iterating this generator (a
+        cancelled message, a timeout) or closes it (`aclose()`). Either way the generator must
+        stop at its current `await`, even in the middle of a silent upstream, and close its
+        upstream request (an `async with` around the response does) so the model stops
+        generating. Work that would hold the event loop for long (building a large example
+        from a schema) runs in a thread: every other message of the process shares the loop.
         """

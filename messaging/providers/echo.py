@@ -4,16 +4,21 @@ It answers without a network or randomness, so the whole pipeline (jobs, streami
 cancellation) can be exercised and tested exactly: it echoes the last user message word by word,
 or, when the request forces a tool or asks for JSON, produces an input/document that satisfies
 the given JSON Schema.
+
+It shares the event loop with every other message of its process: `echo-slow`'s pauses are
+`await`s (a cancellation cuts them short), and an example for a schema, which may take up to a
+second of CPU, is built in a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import itertools
 import json
 import math
 import re
-import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from functools import lru_cache
 from typing import Any
 from urllib.parse import unquote
@@ -49,16 +54,8 @@ _MAX_DEPTH = 32
 
 
 class EchoProvider(Provider):
-    def stream(
-        self, request: dict, spec: ModelSpec, *, message_id: str, cancelled: threading.Event | None = None
-    ) -> Iterator[dict]:
-        # Nothing to release here: closed early, or cancelled mid-pause, it simply stops.
-        try:
-            yield from self._answer(request, spec, message_id, _Pacer(float(spec.options.get("delay", 0.0)), cancelled))
-        except _Cancelled:
-            return
-
-    def _answer(self, request: dict, spec: ModelSpec, message_id: str, pause: _Pacer) -> Iterator[dict]:
+    async def stream(self, request: dict, spec: ModelSpec, *, message_id: str) -> AsyncIterator[dict]:
+        # Nothing to release: closed early, or cancelled mid-pause, it simply stops.
         max_tokens = request["max_tokens"]
         yield {
             "type": "message_start",
@@ -81,47 +78,47 @@ class EchoProvider(Provider):
         if response_format.get("type") == "json_schema":
             json_format = response_format.get("json_schema") or {}
 
-        index = 0
+        blocks: list[Iterator[dict]] = []
         used = 0
         thinking = request.get("thinking") or {}
         if thinking.get("type") == "enabled":
             # Like Anthropic, thinking counts towards max_tokens and the output usage.
             limit = min(max_tokens, thinking.get("budget_tokens") or max_tokens)
             words = _words(_reflection(text, tool, json_format))[:limit]
-            yield from _thinking_block(index, words, pause)
+            blocks.append(_thinking_block(0, words))
             used += len(words)
-            index += 1
 
+        index = len(blocks)
         remaining = max_tokens - used
         stop_sequence = None
         if remaining <= 0:
             stop_reason = "max_tokens"
         elif tool is not None:
-            tool_input = example_for_schema(tool.get("input_schema") or {}, limit=remaining * _TOKEN_CHARS)
-            if not isinstance(tool_input, dict):
-                tool_input = {}
-            chunks, complete = _json_chunks(tool_input, remaining)
-            yield from _tool_use_block(index, _tool_use_id(message_id, index), tool["name"], chunks, pause)
+            chunks, complete = await asyncio.to_thread(_json_answer, tool.get("input_schema") or {}, remaining, tool_input=True)
+            blocks.append(_tool_use_block(index, _tool_use_id(message_id, index), tool["name"], chunks))
             used += len(chunks)
             stop_reason = "tool_use" if complete else "max_tokens"
         elif json_format is not None:
-            schema = json_format.get("schema") or {}
-            document = example_for_schema(schema, prefer_text=text, limit=remaining * _TOKEN_CHARS)
-            chunks, complete = _json_chunks(document, remaining)
-            yield from _text_block(index, chunks, pause)
+            chunks, complete = await asyncio.to_thread(_json_answer, json_format.get("schema") or {}, remaining, prefer_text=text)
+            blocks.append(_text_block(index, chunks))
             used += len(chunks)
             stop_reason = "end_turn" if complete else "max_tokens"
         else:
             text, stop_sequence = _cut_at_stop_sequence(text, request.get("stop_sequences") or [])
             words = _words(text)
             emitted = words[:remaining]
-            yield from _text_block(index, emitted, pause)
+            blocks.append(_text_block(index, emitted))
             used += len(emitted)
             if len(emitted) < len(words):
                 stop_reason, stop_sequence = "max_tokens", None
             else:
                 stop_reason = "end_turn" if stop_sequence is None else "stop_sequence"
 
+        delay = float(spec.options.get("delay", 0.0))
+        for event in itertools.chain(*blocks):
+            if delay and _is_a_piece(event):
+                await asyncio.sleep(delay)
+            yield event
         yield {
             "type": "message_delta",
             "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
@@ -230,6 +227,16 @@ def _tool_use_id(message_id: str, index: int) -> str:
     return "toolu_" + hashlib.sha256(f"{message_id}:{index}".encode()).hexdigest()[:24]
 
 
+def _json_answer(schema: dict | bool, budget: int, *, prefer_text: str | None = None, tool_input: bool = False) -> tuple[list[str], bool]:
+    """The JSON of an example for `schema` in at most `budget` chunks, and whether all of it
+    fits (see _json_chunks). A tool's input is always an object. Up to a second of CPU: run it
+    in a thread, off the event loop every message of the process shares."""
+    value = example_for_schema(schema, prefer_text=prefer_text, limit=budget * _TOKEN_CHARS)
+    if tool_input and not isinstance(value, dict):
+        value = {}
+    return _json_chunks(value, budget)
+
+
 def _json_chunks(value: Any, budget: int) -> tuple[list[str], bool]:
     """`value`'s JSON in at most `budget` chunks (budget >= 1), and whether all of it fits.
 
@@ -246,25 +253,23 @@ def _json_chunks(value: Any, budget: int) -> tuple[list[str], bool]:
     return [text[start : start + size] for start in range(0, len(text), size)], complete
 
 
-def _thinking_block(index: int, words: list[str], pause: _Pacer) -> Iterator[dict]:
+def _thinking_block(index: int, words: list[str]) -> Iterator[dict]:
     block = {"type": "thinking", "thinking": "", "signature": ""}
     yield {"type": "content_block_start", "index": index, "content_block": block}
     for word in words:
-        pause()
         yield _delta(index, {"type": "thinking_delta", "thinking": word})
     signature = hashlib.sha256("".join(words).encode()).hexdigest()
     yield _delta(index, {"type": "signature_delta", "signature": signature})
     yield {"type": "content_block_stop", "index": index}
 
 
-def _tool_use_block(index: int, tool_id: str, name: str, chunks: list[str], pause: _Pacer) -> Iterator[dict]:
+def _tool_use_block(index: int, tool_id: str, name: str, chunks: list[str]) -> Iterator[dict]:
     yield {
         "type": "content_block_start",
         "index": index,
         "content_block": {"type": "tool_use", "id": tool_id, "name": name, "input": {}},
     }
     for chunk in chunks:
-        pause()
         yield _delta(index, {"type": "input_json_delta", "partial_json": chunk})
     yield {"type": "content_block_stop", "index": index}
 
@@ -279,10 +284,9 @@ def _cut_at_stop_sequence(text: str, stop_sequences: list[str]) -> tuple[str, st
     return text[:position], sequence
 
 
-def _text_block(index: int, pieces: list[str], pause: _Pacer) -> Iterator[dict]:
+def _text_block(index: int, pieces: list[str]) -> Iterator[dict]:
     yield {"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}}
     for piece in pieces:
-        pause()
         yield _delta(index, {"type": "text_delta", "text": piece})
     yield {"type": "content_block_stop", "index": index}
 
@@ -291,20 +295,9 @@ def _delta(index: int, delta: dict) -> dict:
     return {"type": "content_block_delta", "index": index, "delta": delta}
 
 
-class _Cancelled(Exception):
-    pass
-
-
-class _Pacer:
-    """`echo-slow`'s delay before each word, cut short the moment the message is cancelled."""
-
-    def __init__(self, delay: float, cancelled: threading.Event | None):
-        self.delay = delay
-        self.cancelled = cancelled or threading.Event()
-
-    def __call__(self) -> None:
-        if self.cancelled.wait(self.delay) if self.delay > 0 else self.cancelled.is_set():
-            raise _Cancelled
+def _is_a_piece(event: dict) -> bool:
+    """A word or chunk of the answer, which `echo-slow` makes wait as a model's tokens would."""
+    return event["type"] == "content_block_delta" and event["delta"]["type"] != "signature_delta"
 
 
 # --- token estimate --------------------------------------------------------------------------

@@ -8,7 +8,9 @@ past `retry_deadline` seconds after the first attempt started. A `Retry-After` h
 or an HTTP date) replaces the computed wait: the server knows better than our backoff. A wait
 that would end past the deadline is not started at all: failing now beats failing later.
 
-Time and randomness are injectable so that tests need neither sleep nor luck.
+The policy only says how long to wait; the caller waits (`await asyncio.sleep`, which a
+cancellation cuts short). Time and randomness are injectable so that tests need neither sleep
+nor luck.
 """
 
 from __future__ import annotations
@@ -51,12 +53,11 @@ class RetryPolicy:
 
 @dataclass
 class Attempts:
-    """The attempts of one call: `start()` before each, `wait_before_retry()` after a failure
+    """The attempts of one call: `start()` before each, `delay_before_retry()` after a failure
     that may be retried."""
 
     policy: RetryPolicy
     clock: Callable[[], float] = time.monotonic
-    sleep: Callable[[float], object] = time.sleep
     rand: Callable[[], float] = random.random
     count: int = 0
     _started_at: float | None = field(default=None, repr=False)
@@ -67,18 +68,16 @@ class Attempts:
         self.count += 1
         return self.count
 
-    def wait_before_retry(self, retry_after: float | None = None) -> bool:
-        """Sleep until the next attempt and return True, or return False at once when no
-        attempt is left or the wait would end past the deadline."""
+    def delay_before_retry(self, retry_after: float | None = None) -> float | None:
+        """The seconds to wait before the next attempt, or None when no attempt is left or the
+        wait would end past the deadline."""
         if self.count >= self.policy.max_attempts:
-            return False
+            return None
         delay = retry_after if retry_after is not None else self.policy.backoff(self.count, self.rand)
         assert self._started_at is not None, "start() comes first"
         if self.clock() + delay - self._started_at > self.policy.deadline:
-            return False
-        if delay > 0:
-            self.sleep(delay)
-        return True
+            return None
+        return delay
 
 
 def retry_after_seconds(value: str | None, *, now: Callable[[], float] = time.time) -> float | None:
