@@ -371,7 +371,7 @@ def queue_state(env: dict[str, str], since: str, delete: bool) -> str:
     code = f"""
 from django.utils.dateparse import parse_datetime
 from messaging.models import APIKey, MessageJob
-from messaging.tasks import shared_broker
+from messaging.queue import shared_broker
 jobs = MessageJob.objects.filter(owner={OWNER!r}, created_at__gte=parse_datetime({since!r}))
 print(f"{{jobs.count()}} messages stored by this run, queue size {{shared_broker().queue_size()}}", end="")
 if {delete!r}:

@@ -110,7 +110,7 @@ def in_process(key: str, requests: int) -> None:
     from django.db import transaction
     from django.test import Client
 
-    from messaging import jobs, serializers, tasks
+    from messaging import jobs, queue, serializers
     from messaging.auth import APIKeyAuthentication
     from messaging.errors import flatten_errors
     from messaging.models import MessageEvent, MessageJob, Status
@@ -176,7 +176,7 @@ def in_process(key: str, requests: int) -> None:
             "    MessageEvent.objects.create(...)": lambda: MessageEvent.objects.create(
                 job=job, sequence=next(sequences), type="status", data=jobs.status_event(Status.PENDING, None)
             ),
-            "    tasks.enqueue_token()": tasks.enqueue_token,
+            "    queue.enqueue_token()": queue.enqueue_token,
         }
         for label, function in statements.items():
             print(f"  {label + ' (no commit)':<56}{per_call_us(function, seconds=0.3):>9.1f}")
