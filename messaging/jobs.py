@@ -113,7 +113,7 @@ def accept(owner: str, checked: CheckedRequest, message_id: str | None = None) -
                 job=job, sequence=1, type="status", data=status_event(Status.PENDING, job.correlation_id)
             )
             if queue.QUEUE_IN_DATABASE:
-                queue.enqueue_token()
+                queue.wake_a_worker()
     except IntegrityError:
         # Two requests raced with the same message_id; the first one stored wins.
         existing = MessageJob.objects.filter(owner=owner, message_id=message_id).first()
@@ -123,7 +123,7 @@ def accept(owner: str, checked: CheckedRequest, message_id: str | None = None) -
 
     if not queue.QUEUE_IN_DATABASE:
         try:
-            queue.enqueue_token()
+            queue.wake_a_worker()
         except Exception:
             # The broker is down: take the message back, so that a 503 truly means "not accepted".
             job.delete()
@@ -373,11 +373,8 @@ def hand_back(running: Iterable[tuple[int, int]]) -> int:
                 [status_event(Status.PENDING, correlation_id, reason="worker_stopped")],
             ):
                 handed += 1
-                if queue.QUEUE_IN_DATABASE:
-                    queue.enqueue_token()
-    if not queue.QUEUE_IN_DATABASE:
-        for _ in range(handed):
-            queue.enqueue_token()  # wakes another worker now rather than at its next round
+    if handed:
+        queue.wake_a_worker()  # another worker takes them now rather than at its next round
     return handed
 
 

@@ -46,7 +46,7 @@ from typing import Any, TypeVar
 from django.conf import settings
 from django.db import close_old_connections, connection, connections
 
-from messaging import catalog, jobs, patterns
+from messaging import catalog, jobs, patterns, queue
 from messaging.events import EventRecorder, ResultTooLarge
 from messaging.models import MessageJob, Status
 from messaging.providers.base import ProviderError
@@ -216,6 +216,9 @@ class Runner:
             self._backlog = len(claimed) == free
             for job in claimed:
                 self._start(job)
+            if self._backlog:
+                # More may wait: wake another worker in turn (one waiting token is enough).
+                await self._call(queue.wake_a_worker)
             return [job.message_id for job in claimed]
 
     def _refill_soon(self) -> None:
