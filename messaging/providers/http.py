@@ -33,11 +33,14 @@ What an upstream says is told naming the provider and the model, never the upstr
 internal host, a port, credentials of its own), and never the key: every text that leaves here
 from the upstream is scrubbed of both.
 
-Connections: one `httpx.AsyncClient` per event loop and upstream (`client_for`), made inside
-the running loop on first use (django-q2 forks its workers: nothing is opened at import), so
-consecutive messages reuse kept-alive connections instead of a handshake each. Its pool has no
+Connections: each event loop keeps its own clients per upstream (`pools_for`), made inside the
+running loop on first use (django-q2 forks its workers: nothing is opened at import), so
+consecutive messages reuse kept-alive connections instead of a handshake each. There is no
 connection limit unless the model sets `max_connections`: the runner bounds how many messages
-are in flight, and a second, hidden bound here (httpx's default is 100) would queue calls.
+are in flight, and a second, hidden bound here (httpx's default is 100) would queue calls. The
+connections are spread over several small pools rather than one large one: httpcore looks at
+every connection of a pool whenever a request starts or ends, so one pool of hundreds costs
+time quadratic in them (measured: half of a busy worker's CPU with 250 messages in flight).
 `close_clients()` closes the running loop's clients.
 
 Cancellation is asyncio's: cancelling the task that iterates a stream, or closing the stream,
@@ -74,8 +77,9 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 60.0
-# Idle connections kept, per upstream and loop, for the next messages.
-_KEEPALIVE_CONNECTIONS = 100
+# Requests one pool serves at once before the next request goes to another pool (see above);
+# each pool also keeps this many idle connections for the next messages.
+_POOL_SIZE = 16
 # What follows a stream's end marker is normally only the end of the body, already on its way.
 _END_OF_BODY_WAIT = 1.0
 # Enough for any error message; a server that answers an error with megabytes gets cut short.
@@ -161,7 +165,7 @@ class HTTPProvider(Provider):
             headers["X-Correlation-ID"] = header_value(request["correlation_id"])
         body = orjson.dumps(self.body(request, spec))
         timeout = _timeout(options)
-        client = client_for(upstream.base_url, options)
+        pools = pools_for(upstream.base_url, options)
         attempts = Attempts(RetryPolicy.from_options(options), clock=self._clock, rand=self._rand)
 
         while True:
@@ -169,7 +173,7 @@ class HTTPProvider(Provider):
             answer: Answer | None = None
             retry_after: float | None = None
             try:
-                async with client.stream("POST", upstream.url, content=body, headers=headers, timeout=timeout) as response:
+                async with pools.client() as client, client.stream("POST", upstream.url, content=body, headers=headers, timeout=timeout) as response:
                     if response.status_code != 200:
                         retry_after = _retry_after(response)
                         raise await upstream.status_error(response, attempt)
@@ -247,36 +251,60 @@ async def _read_to_end(sse_stream: AsyncIterator[ServerSentEvent]) -> None:
 
 # --- connections -------------------------------------------------------------------------------
 
-_clients: dict[tuple[asyncio.AbstractEventLoop, str, int | None], httpx.AsyncClient] = {}
+class Pools:
+    """The running loop's clients for one upstream: a request goes to the least busy, and a new
+    client opens when every one serves _POOL_SIZE requests (unless `max_connections` caps the
+    upstream: then one client, with that limit)."""
+
+    def __init__(self, max_connections: int | None):
+        self.max_connections = max_connections
+        self.clients: list[httpx.AsyncClient] = []
+        self.busy: list[int] = []
+
+    @contextlib.asynccontextmanager
+    async def client(self) -> AsyncIterator[httpx.AsyncClient]:
+        index = min(range(len(self.clients)), key=self.busy.__getitem__, default=None)
+        if index is None or (self.max_connections is None and self.busy[index] >= _POOL_SIZE):
+            keepalive = min(_POOL_SIZE, self.max_connections or _POOL_SIZE)
+            limits = httpx.Limits(max_connections=self.max_connections, max_keepalive_connections=keepalive)
+            self.clients.append(httpx.AsyncClient(limits=limits))
+            self.busy.append(0)
+            index = len(self.clients) - 1
+        self.busy[index] += 1
+        try:
+            yield self.clients[index]
+        finally:
+            self.busy[index] -= 1
+
+
+_pools: dict[tuple[asyncio.AbstractEventLoop, str, int | None], Pools] = {}
 # Loops in several threads (tests, a server's) may share the table.
-_clients_lock = threading.Lock()
+_pools_lock = threading.Lock()
 
 
-def client_for(base_url: str, options: Mapping[str, Any]) -> httpx.AsyncClient:
-    """The running loop's client for the upstream at `base_url`, made on first use."""
+def pools_for(base_url: str, options: Mapping[str, Any]) -> Pools:
+    """The running loop's clients for the upstream at `base_url`, made on first use."""
     loop = asyncio.get_running_loop()
     max_connections = options.get("max_connections")
     key = (loop, _origin(base_url), max_connections)
-    with _clients_lock:
-        client = _clients.get(key)
-        if client is None:
+    with _pools_lock:
+        pools = _pools.get(key)
+        if pools is None:
             # Clients of a loop that ended without close_clients() go, with their sockets.
-            for stale in [entry for entry in _clients if entry[0].is_closed()]:
-                del _clients[stale]
-            keepalive = min(_KEEPALIVE_CONNECTIONS, max_connections or _KEEPALIVE_CONNECTIONS)
-            limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=keepalive)
-            client = _clients[key] = httpx.AsyncClient(limits=limits)
-        return client
+            for stale in [entry for entry in _pools if entry[0].is_closed()]:
+                del _pools[stale]
+            pools = _pools[key] = Pools(max_connections)
+        return pools
 
 
 async def close_clients() -> None:
     """Close the running loop's clients and their connections: the runner's last step."""
     loop = asyncio.get_running_loop()
-    with _clients_lock:
-        mine = [entry for entry in _clients if entry[0] is loop]
-        clients = [_clients.pop(entry) for entry in mine]
-    for client in clients:
-        await client.aclose()
+    with _pools_lock:
+        mine = [_pools.pop(entry) for entry in list(_pools) if entry[0] is loop]
+    for pools in mine:
+        for client in pools.clients:
+            await client.aclose()
 
 
 def _origin(url: str) -> str:
