@@ -383,6 +383,20 @@ async def drain(
     )  # fmt: skip
 
 
+async def backlog(count: int, slots: int, api: Api, upstream: httpx.AsyncClient, args: argparse.Namespace, start: Callable[[], Any]) -> tuple[float, int, Counter[str]]:
+    """A backlog queued while no worker runs, then drained: the runners' own pace, without the
+    admission of new messages competing for the same two cores. Seconds from the first start
+    to the last finish, the upstream's peak, the statuses."""
+    await submit_all(api, "backlog", count)
+    await upstream.post("/reset")
+    with start():
+        await wait_drained(api, "backlog", timeout=args.latency * count / args.workers * 1.5 + 120)
+    messages = await api.every("backlog")
+    first = min(datetime.fromisoformat(message["started_at"]).timestamp() for message in messages if message["started_at"])
+    last = max(datetime.fromisoformat(message["finished_at"]).timestamp() for message in messages if message["finished_at"])
+    return last - first, (await upstream.get("/stats")).json()["peak"], Counter(message["status"] for message in messages)
+
+
 def print_drain(result: Drain, scale_to: int | None = None) -> None:
     statuses = ", ".join(f"{count} {status}" for status, count in sorted(result.statuses.items()))
     print(f"  {result.messages} messages ({statuses}; {result.retried} retried), submitted in {result.submit_seconds:.1f} s")
@@ -559,6 +573,7 @@ async def measure(
     api = Api(server.port, key)
     drains: list[Drain] = []
     levels: list[Level] = []
+    drains_failed = False
     try:
         workers, concurrency = service_settings(env)
         with qcluster(env, work / "qcluster.log") as cluster:
@@ -577,6 +592,16 @@ async def measure(
                     levels.append(await sync_level(level, server.port, upstream_port, key, upstream, sampler, args))
                     print(f"  {level} streams: done in {levels[-1].seconds:.1f} s", flush=True)
                 print_levels(levels)
+        if args.messages:
+            print(f"\n-- backlog: {args.messages} messages queued first, then a new qcluster drains them", flush=True)
+            seconds, peak, statuses = await backlog(
+                args.messages, workers * concurrency, api, upstream, args, lambda: qcluster(env, work / "qcluster-backlog.log")
+            )
+            ideal = args.latency * math.ceil(args.messages / (workers * concurrency))
+            print(f"  drained in {seconds:.1f} s from the first start; ideal {ideal:.0f} s; ratio {seconds / ideal:.2f}; peak in flight {peak}")
+            print(f"  {', '.join(f'{number} {status}' for status, number in sorted(statuses.items()))}", flush=True)
+            if set(statuses) != {"completed"}:
+                drains_failed = True
         if args.legacy_messages:
             legacy_env = dict(env, MESSAGING_CONCURRENCY="1")
             print(f"\n-- today's design: MESSAGING_CONCURRENCY=1 ({workers} slots)", flush=True)
@@ -588,7 +613,8 @@ async def measure(
         await api.client.aclose()
         await upstream.aclose()
         server.stop()
-    return not any(result.failed for result in drains) and not any(level.errors or level.probe_errors for level in levels)
+    failed = drains_failed or any(result.failed for result in drains)
+    return not failed and not any(level.errors or level.probe_errors for level in levels)
 
 
 def main() -> None:
