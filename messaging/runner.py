@@ -156,6 +156,11 @@ class Runner:
             self._loop.run_until_complete(self._loop.shutdown_default_executor())
             self._loop.close()
             self._stopped.set()
+        if self.claims and not self._should_stop():
+            # A worker process without its runner would take tokens and run nothing: end it,
+            # and django-q2 starts another in its place.
+            logger.critical("the runner of %s failed; the worker process exits", self.name)
+            os._exit(1)
 
     async def _serve(self) -> None:
         self._flush_soon = asyncio.Event()

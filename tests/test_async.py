@@ -165,10 +165,13 @@ class TestUnavailableBroker:
     def test_it_answers_503_and_keeps_nothing_when_the_broker_is_down(self, alice: APIClient, monkeypatch: pytest.MonkeyPatch) -> None:
         from redis.exceptions import ConnectionError as RedisConnectionError
 
-        def broker_down() -> None:
-            raise RedisConnectionError("Connection refused")
+        class BrokerDown:
+            """Every use of the broker fails, as when Redis is unreachable."""
 
-        monkeypatch.setattr(queue, "enqueue_token", broker_down)
+            def __getattr__(self, name: str) -> object:
+                raise RedisConnectionError("Connection refused")
+
+        monkeypatch.setattr(queue, "shared_broker", BrokerDown)
 
         response = alice.post(ASYNC, VALID_REQUEST, format="json")
 
