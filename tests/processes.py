@@ -143,6 +143,7 @@ class Cluster:
 
     def __init__(self, env: dict[str, str], log_path: Path):
         self.log_path = log_path
+        self.stop_timeout = STOP_TIMEOUT
         self.process = spawn([sys.executable, str(MANAGE_PY), "qcluster"], env, log_path)
 
     @property
@@ -176,6 +177,10 @@ class Cluster:
     def kill_worker(self, pid: int) -> None:
         assert pid in _descendants(self.pid), f"{pid} is not a process of this cluster"
         os.kill(pid, signal.SIGKILL)
+        # A worker killed while waiting for its next task dies holding the lock of django-q2's
+        # task queue (django-q2 issue #23): its replacement then never reads the STOP that a
+        # SIGTERM sends, and the cluster cannot stop. Its runner still claims and runs messages.
+        self.stop_timeout = 3.0
 
     def kill(self) -> None:
         """SIGKILL every process of the cluster at once: a crash, an OOM kill, a container
@@ -190,7 +195,7 @@ class Cluster:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(timeout=STOP_TIMEOUT)
+                self.process.wait(timeout=self.stop_timeout)
             except subprocess.TimeoutExpired:
                 self._kill_group()
                 self.process.wait()

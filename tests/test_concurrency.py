@@ -105,14 +105,16 @@ def test_a_rescued_high_priority_message_goes_before_the_lower_priority_backlog(
     # One slot: every start below is a choice of what to run next.
     cluster = start_cluster(MESSAGING_WORKERS=1, MESSAGING_CONCURRENCY=1, MESSAGING_MODELS_FILE=models_file(tmp_path, upstream))
     urgent = api.submit("urgent", model="slow", priority=10)
-    worker = cluster.worker_running(urgent, attempt=1)
+    cluster.worker_running(urgent, attempt=1)
     backlog = submit_many(api, 8, priority=0)
 
-    cluster.kill_worker(worker)
+    # Its worker dies with its whole cluster (a machine lost), and another cluster takes over.
+    cluster.kill()
+    start_cluster(MESSAGING_WORKERS=1, MESSAGING_CONCURRENCY=1, MESSAGING_MODELS_FILE=models_file(tmp_path, upstream))
 
     wait_until(lambda: all_finished([urgent, *backlog]), timeout=120, what="the backlog to drain")
     assert MessageJob.objects.get(message_id=urgent).attempts == 2
-    # The new worker may start one message of the backlog while the dead one's lease still
+    # The new cluster may start one message of the backlog while the dead one's lease still
     # runs (1.5 s), but the urgent one is next: it does not wait behind the backlog.
     assert starts_in_order([urgent, *backlog]).index(urgent) <= 1
 
@@ -226,9 +228,10 @@ def test_one_web_process_holds_many_synchronous_streams_and_a_client_leaving_can
     texts = asyncio.run(_stream_texts(server.url, key, 150, leave=0))
 
     assert texts[0] is None
-    assert texts[1:] == [" word0 word1 word2"] * 149
+    assert [text for text in texts[1:] if text != " word0 word1 word2"] == []
     assert upstream.stats()["peak"] >= 100, upstream.stats()
-    wait_until(lambda: upstream.stats()["disconnects"] == 1, what="the request of the client that left to close")
+    wait_until(lambda: upstream.stats()["disconnects"], what="the request of the client that left to close")
+    assert upstream.stats()["disconnects"] == 1, (upstream.stats(), server.log()[-3000:])
     assert MessageJob.objects.filter(status="cancelled").count() == 1
     assert MessageJob.objects.filter(status="completed", attempts=1).count() == 149
 
