@@ -362,17 +362,17 @@ def fail(job: MessageJob, attempt: int, status: str, error: dict[str, str], resu
 def hand_back(running: Iterable[tuple[int, int]]) -> int:
     """A stopping worker's unfinished messages, as (pk, attempt), become pending again at once
     (not when their lease runs out), their attempt not counted as a failure. Returns how many."""
+    pairs = list(running)
+    correlation_ids = dict(MessageJob.objects.filter(pk__in=[pk for pk, _ in pairs]).values_list("pk", "correlation_id"))
     handed = 0
-    for pk, attempt in running:
-        correlation_id = MessageJob.objects.filter(pk=pk).values_list("correlation_id", flat=True).first()
-        with transaction.atomic():
-            if _write(
-                pk,
-                Q(status=Status.PROCESSING, attempts=attempt),
-                {"status": Status.PENDING, "lease_expires_at": None, "handed_back": F("handed_back") + 1},
-                [status_event(Status.PENDING, correlation_id, reason="worker_stopped")],
-            ):
-                handed += 1
+    for pk, attempt in pairs:
+        if _write(
+            pk,
+            Q(status=Status.PROCESSING, attempts=attempt),
+            {"status": Status.PENDING, "lease_expires_at": None, "handed_back": F("handed_back") + 1},
+            [status_event(Status.PENDING, correlation_ids.get(pk), reason="worker_stopped")],
+        ):
+            handed += 1
     if handed:
         queue.wake_a_worker()  # another worker takes them now rather than at its next round
     return handed

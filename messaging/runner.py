@@ -39,16 +39,18 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import timedelta
 from queue import SimpleQueue
 from typing import Any, TypeVar
 
 from django.conf import settings
 from django.db import close_old_connections, connection, connections
+from django.utils import timezone
 
 from messaging import catalog, jobs, patterns, queue
 from messaging.events import EventRecorder, ResultTooLarge
-from messaging.models import MessageJob, Status
+from messaging.models import MessageJob, Status, WorkerHeartbeat
 from messaging.providers.base import ProviderError
 from messaging.providers.http import close_clients
 from messaging.serializers import merge_secrets
@@ -74,7 +76,6 @@ class Running:
     end: jobs.End | None = None  # set when it has ended, until the writer has recorded it
     written: asyncio.Future[None] | None = None
     stopped_by: str | None = None  # "superseded" or "handed back": why its task was cancelled
-    started: float = field(default_factory=time.monotonic)
 
     @property
     def attempt(self) -> int:
@@ -132,9 +133,6 @@ class Runner:
     def stop_soon(self, job_pk: int) -> None:
         """Stop a message of this process now (it was cancelled here), not at the next check."""
         self._loop.call_soon_threadsafe(self._supersede, job_pk)
-
-    def in_flight(self) -> int:
-        return len(self._running)
 
     def close(self) -> None:
         """Stop as a worker stops (drain, then hand back), and wait until the loop has ended."""
@@ -473,12 +471,6 @@ def _new_event_loop() -> asyncio.AbstractEventLoop:
 
 def beat(name: str) -> None:
     """This process's heartbeat, which /readyz reads."""
-    from datetime import timedelta
-
-    from django.utils import timezone
-
-    from messaging.models import WorkerHeartbeat
-
     now = timezone.now()
     WorkerHeartbeat.objects.update_or_create(name=name, defaults={"seen_at": now})
     WorkerHeartbeat.objects.filter(seen_at__lt=now - timedelta(days=1)).delete()
