@@ -66,9 +66,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.bench_api import manage, revision, store_description
+from bench.bench_api import manage, revision, stop_process, store_description
 from bench.bench_stream import (
     Uvicorn,
+    create_database,
     descendants,
     load_average,
     percentile,
@@ -88,22 +89,6 @@ PROMPT = [{"role": "user", "content": "Say hello in a few words."}]
 
 
 # --- Processes ----------------------------------------------------------------------------------
-
-
-def stop_process(process: subprocess.Popen[Any], timeout: float) -> None:
-    """SIGTERM to the main process only (signalling a qcluster's group can hang it), then SIGKILL
-    to its session if it does not stop in time, and to whatever it left behind."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
 
 
 @contextmanager
@@ -182,15 +167,8 @@ def store(args: argparse.Namespace, work: Path) -> Iterator[tuple[dict[str, str]
         import redis
 
         name = f"bench_concurrency_{os.getpid()}"
+        cleanups.callback(create_database(args.postgres_url, name))
         maintenance = with_database(args.postgres_url, "postgres")
-        with psycopg.connect(maintenance, autocommit=True) as admin:
-            admin.execute(f'CREATE DATABASE "{name}"')
-
-        def drop() -> None:
-            with psycopg.connect(maintenance, autocommit=True) as admin:
-                admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-        cleanups.callback(drop)
         client = redis.Redis.from_url(args.redis_url)
         if args.flush_redis:
             client.flushdb()

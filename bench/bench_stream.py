@@ -741,6 +741,22 @@ def with_database(url: str, name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
+def create_database(server_url: str, name: str) -> Callable[[], None]:
+    """Create the database `name` on the PostgreSQL server of `server_url` (from its maintenance
+    database, which always exists); returns what drops it again."""
+    import psycopg
+
+    maintenance = with_database(server_url, "postgres")
+    with psycopg.connect(maintenance, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+
+    def drop() -> None:
+        with psycopg.connect(maintenance, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+    return drop
+
+
 @contextmanager
 def store(backend: str, args: argparse.Namespace, work: Path) -> Iterator[dict[str, str]]:
     """A fresh, migrated store for `backend`; its environment for the server and the writer."""
@@ -749,21 +765,10 @@ def store(backend: str, args: argparse.Namespace, work: Path) -> Iterator[dict[s
     cleanups: list[Callable[[], None]] = []
     try:
         if backend.startswith("postgres"):
-            import psycopg
-
-            # Named after --postgres's database, so that parallel runs do not collide; created
-            # from the server's maintenance database, which always exists.
+            # Named after --postgres's database, so that parallel runs do not collide.
             prefix = urlsplit(args.postgres).path.strip("/") or "postgres"
             name = f"{prefix}_bench_stream_{os.getpid()}_{backend.replace('+', '_')}"
-            maintenance = with_database(args.postgres, "postgres")
-            with psycopg.connect(maintenance, autocommit=True) as admin:
-                admin.execute(f'CREATE DATABASE "{name}"')
-
-            def drop() -> None:
-                with psycopg.connect(maintenance, autocommit=True) as admin:
-                    admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-            cleanups.append(drop)
+            cleanups.append(create_database(args.postgres, name))
             env["DATABASE_URL"] = with_database(args.postgres, name)
         if backend == "postgres+redis":
             import redis

@@ -54,7 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.bench_api import free_port, manage, revision, store_description  # noqa: E402
+from bench.bench_api import free_port, manage, revision, stop_process, store_description  # noqa: E402
 
 PYTHON = sys.executable
 OWNER = "bench-ttft"
@@ -151,22 +151,6 @@ def _answers(port: int) -> bool:
         connection.close()
 
 
-def _stop(process: subprocess.Popen[bytes], timeout: float) -> None:
-    """SIGTERM to the main process only (signalling a qcluster's whole group can hang it), then
-    SIGKILL to its session, whatever it left behind, if it does not stop in time."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
-
-
 @contextmanager
 def uvicorn(env: dict[str, str], workers: int, log_path: Path) -> Iterator[int]:
     port = free_port()
@@ -187,7 +171,7 @@ def uvicorn(env: dict[str, str], workers: int, log_path: Path) -> Iterator[int]:
             time.sleep(0.1)
         yield port
     finally:
-        _stop(process, timeout=20)
+        stop_process(process, timeout=20)
 
 
 @contextmanager
@@ -203,7 +187,7 @@ def qcluster(env: dict[str, str], log_path: Path) -> Iterator[None]:
             raise RuntimeError(f"qcluster exited with {process.returncode}; see {log_path}")
         yield
     finally:
-        _stop(process, timeout=30)
+        stop_process(process, timeout=30)
 
 
 # --- The clients ---------------------------------------------------------------------------------
