@@ -24,24 +24,13 @@ from typing import Any
 import orjson
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.http import (
-    HttpRequest,
-    HttpResponse,
-    HttpResponseBase,
-    StreamingHttpResponse,
-)
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions
 
 from messaging import jobs, runner
 from messaging.auth import APIKeyAuthentication
-from messaging.errors import (
-    Conflict,
-    InvalidRequest,
-    error_body,
-    error_response,
-    failed_message,
-)
+from messaging.errors import Conflict, InvalidRequest, error_body, error_response, failed_message
 from messaging.headers import header_value, warnings_header
 from messaging.models import TERMINAL_STATUSES, MessageEvent, MessageJob, Status
 from messaging.notify import hub, in_executor

@@ -20,12 +20,7 @@ import pytest
 from jsonschema import Draft202012Validator, FormatChecker
 
 from messaging.providers.base import ModelSpec, Provider, ProviderError
-from messaging.providers.echo import (
-    NOTHING_TO_ECHO,
-    EchoProvider,
-    estimate_tokens,
-    example_for_schema,
-)
+from messaging.providers.echo import NOTHING_TO_ECHO, EchoProvider, estimate_tokens, example_for_schema
 from tests import aio
 
 ECHO = ModelSpec(id="echo", provider="echo", max_tokens=8192, default_max_tokens=1024)
