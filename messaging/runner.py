@@ -171,10 +171,7 @@ class Runner:
         ]
         try:
             while not self._should_stop():
-                try:
-                    await asyncio.wait_for(self._close_soon.wait(), timeout=settings.MESSAGING_CHECK_INTERVAL)
-                except TimeoutError:
-                    pass
+                await _woken(self._close_soon, settings.MESSAGING_CHECK_INTERVAL)
             await self._drain()
         finally:
             for task in rounds:
@@ -192,10 +189,7 @@ class Runner:
             if wake is None:
                 await asyncio.sleep(delay)
             else:
-                try:
-                    await asyncio.wait_for(wake.wait(), timeout=delay)
-                except TimeoutError:
-                    pass
+                await _woken(wake, delay)
                 wake.clear()
             delay = interval
             try:
@@ -400,6 +394,12 @@ class Runner:
         if unfinished:
             handed = await self._call(jobs.hand_back, [(running.job.pk, running.attempt) for running in unfinished])
             logger.warning("worker stopping: %s unfinished message(s) handed back to the queue", handed)
+
+
+async def _woken(event: asyncio.Event, timeout: float) -> None:
+    """Wait until `event` is set, or `timeout` seconds at most."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout=timeout)
 
 
 def _failed(recorder: EventRecorder, error_type: str, message: str) -> jobs.End:
