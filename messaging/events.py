@@ -122,6 +122,10 @@ def _mergeable(previous: dict[str, Any], event: dict[str, Any]) -> bool:
     )
 
 
+def _is_tool_result(event: dict[str, Any]) -> bool:
+    return event["type"] == "content_block_start" and event["content_block"].get("type") == "mcp_tool_result"
+
+
 class ResultTooLarge(Exception):
     """The model's answer grew past MESSAGING_MAX_RESULT_CHARS characters."""
 
@@ -169,8 +173,10 @@ class EventRecorder:
             self._buffer[-1] = {**previous, "delta": {**previous["delta"], field: previous["delta"][field] + event["delta"][field]}}
         else:
             self._buffer.append(event)
-        if event["type"] == "message_start":
-            self._urgent = True  # a client sees at once that the model has started
+        if event["type"] == "message_start" or _is_tool_result(event):
+            # A client sees at once that the model has started; a tool's result, once written,
+            # is never asked for again (messaging/toolloop.py).
+            self._urgent = True
         return self._urgent
 
     def take(self, now: float) -> list[dict[str, Any]]:

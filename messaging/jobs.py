@@ -251,8 +251,7 @@ def _give_up(pk: int, attempts: int, correlation_id: str | None, message_id: str
     )
     if ended:
         # What its attempts streamed stays its result, as for any message that ends early.
-        events = list(MessageEvent.objects.filter(job_id=pk).order_by("sequence").values_list("data", flat=True))
-        MessageJob.objects.filter(pk=pk).update(result=build_result(events))
+        MessageJob.objects.filter(pk=pk).update(result=recorded_result(pk))
         logger.error("message %s gave up after %s attempts", message_id, attempts)
 
 
@@ -381,6 +380,12 @@ def hand_back(running: Iterable[tuple[int, int]]) -> int:
 # --- Cancelling ---------------------------------------------------------------------------------
 
 
+def recorded_result(job_pk: int) -> dict[str, Any] | None:
+    """The message its recorded events add up to (for a rescued attempt, its last one's)."""
+    events = MessageEvent.objects.filter(job_id=job_pk).order_by("sequence").values_list("data", flat=True)
+    return build_result(list(events))
+
+
 def cancel(job: MessageJob) -> MessageJob:
     """pending or processing → cancelled. Cancelling a cancelled message is fine; a message that
     completed, failed or errored first is a conflict, and the message says which it was."""
@@ -393,8 +398,7 @@ def cancel(job: MessageJob) -> MessageJob:
         )
         if won:
             # Events are fenced by status, so none can land after ours: they are final.
-            events = list(job.events.order_by("sequence").values_list("data", flat=True))
-            MessageJob.objects.filter(pk=job.pk).update(result=build_result(events))
+            MessageJob.objects.filter(pk=job.pk).update(result=recorded_result(job.pk))
     job.refresh_from_db()
     if job.status != Status.CANCELLED:
         raise Conflict(f"Message {job.message_id} has already {_finished_phrase(job.status)}; it cannot be cancelled.")

@@ -48,8 +48,9 @@ from django.conf import settings
 from django.db import close_old_connections, connection, connections
 from django.utils import timezone
 
-from messaging import catalog, jobs, patterns, queue
+from messaging import catalog, jobs, patterns, queue, toolloop
 from messaging.events import EventRecorder, ResultTooLarge
+from messaging.mcp_client import McpError, enabled_servers
 from messaging.models import MessageJob, Status, WorkerHeartbeat
 from messaging.providers.base import ProviderError
 from messaging.providers.http import close_clients
@@ -271,6 +272,9 @@ class Runner:
         request = merge_secrets(job.request, job.secrets)
         recorder = running.recorder
         assert recorder is not None
+        # A rescued message with tools on the server resumes from what was recorded: a tool
+        # call whose result is recorded is not made again.
+        recorded = await self._call(jobs.recorded_result, job.pk) if job.attempts > 1 and enabled_servers(request) else None
         # The deadline counts from the first start, so a rescued message does not get a fresh one.
         assert job.started_at is not None
         remaining = job.started_at.timestamp() + settings.MESSAGING_JOB_TIMEOUT - time.time()
@@ -278,7 +282,8 @@ class Runner:
             async with asyncio.timeout(max(0.0, remaining)):
                 # aclosing: a failure in this loop's body (ResultTooLarge) closes the upstream
                 # request at once, not when the generator is collected.
-                async with contextlib.aclosing(catalog.provider_for(spec).stream(request, spec, message_id=job.message_id)) as stream:
+                events = toolloop.stream(catalog.provider_for(spec), request, spec, message_id=job.message_id, recorded=recorded)
+                async with contextlib.aclosing(events) as stream:
                     async for event in stream:
                         if recorder.add(event):
                             self._wake_writer()
@@ -286,6 +291,8 @@ class Runner:
             return _failed(recorder, "timeout_error", f"The message ran longer than {settings.MESSAGING_JOB_TIMEOUT} seconds.")
         except ProviderError as exc:
             return _failed(recorder, exc.error_type, str(exc))
+        except McpError as exc:
+            return _failed(recorder, "mcp_error", str(exc))
         except ResultTooLarge as exc:
             return _failed(recorder, "invalid_output_error", str(exc))
         result = recorder.builder.result()

@@ -29,7 +29,7 @@ from django.core.validators import RegexValidator
 from rest_framework.fields import empty, get_error_detail
 from rest_framework.validators import ProhibitSurrogateCharactersValidator
 
-from messaging import catalog, patterns
+from messaging import catalog, outbound, patterns
 from messaging.errors import flatten_errors
 from messaging.headers import CONTROL_CHARACTERS
 from messaging.models import MessageJob, Status
@@ -349,12 +349,33 @@ class ThinkingBlockSerializer(Serializer):
     signature = StrictCharField(required=False, allow_blank=True)
 
 
+class MCPToolUseBlockSerializer(Serializer):
+    """A call the service made to an MCP tool (in an assistant message sent back)."""
+
+    type = serializers.ChoiceField(choices=["mcp_tool_use"])
+    id = StrictCharField(max_length=256)
+    name = StrictCharField(max_length=64)
+    server_name = StrictCharField(max_length=128)
+    input = FreeJSONField(object_only=True)
+
+
+class MCPToolResultBlockSerializer(Serializer):
+    """An MCP tool's answer (in an assistant message sent back)."""
+
+    type = serializers.ChoiceField(choices=["mcp_tool_result"])
+    tool_use_id = StrictCharField(max_length=256)
+    content = ToolResultContentField(required=False)
+    is_error = StrictBooleanField(required=False)
+
+
 BLOCK_SERIALIZERS: dict[str, Serializer] = {
     "text": TextBlockSerializer(),
     "image": ImageBlockSerializer(),
     "tool_use": ToolUseBlockSerializer(),
     "tool_result": ToolResultBlockSerializer(),
     "thinking": ThinkingBlockSerializer(),
+    "mcp_tool_use": MCPToolUseBlockSerializer(),
+    "mcp_tool_result": MCPToolResultBlockSerializer(),
 }
 
 
@@ -485,26 +506,9 @@ class MCPServerSerializer(Serializer):
         parts = _http_url(value)
         if parts is None or parts.hostname is None:
             raise ValidationError("must be an http(s) URL")
-        if not _outbound_allowed(parts.hostname):
+        if not outbound.host_allowed(parts.hostname):
             raise ValidationError(f"{parts.hostname} is not allowed by this server's outbound policy")
         return value
-
-
-def _outbound_allowed(host: str) -> bool:
-    """The outbound policy for MCP servers: no private, loopback or link-local addresses unless
-    MESSAGING_MCP_ALLOW_PRIVATE is set; and, if given, only MESSAGING_MCP_ALLOWED_HOSTS."""
-    allowed = settings.MESSAGING_MCP_ALLOWED_HOSTS
-    if allowed and not any(host == h or (h.startswith(".") and host.endswith(h)) for h in allowed):
-        return False
-    if settings.MESSAGING_MCP_ALLOW_PRIVATE:
-        return True
-    if host == "localhost" or host.endswith(".localhost") or host.endswith(".internal"):
-        return False
-    try:
-        address = ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return True  # a name; resolved and checked again when connecting
-    return address.is_global
 
 
 class JSONSchemaFormatSerializer(Serializer):
@@ -714,15 +718,20 @@ def _cross_field_errors(values: dict[str, Any], errors: dict[str, Any]) -> None:
             add("response_format.name", f'"{name}" is not one of the tools')
 
     tool_uses: set[str] = set()
+    mcp_tool_uses: set[str] = set()
     for m_index, message in enumerate(values.get("messages") or []):
         for b_index, block in enumerate(message["content"]):
+            path = f"messages[{m_index}].content[{b_index}]"
+            if block["type"] in ("mcp_tool_use", "mcp_tool_result") and message["role"] != "assistant":
+                add(f"{path}.type", f'"{block["type"]}" blocks belong to assistant messages (the service made that call)')
             if block["type"] == "tool_use":
                 tool_uses.add(block["id"])
+            elif block["type"] == "mcp_tool_use":
+                mcp_tool_uses.add(block["id"])
             elif block["type"] == "tool_result" and block["tool_use_id"] not in tool_uses:
-                add(
-                    f"messages[{m_index}].content[{b_index}].tool_use_id",
-                    f'"{block["tool_use_id"]}" does not match any earlier tool_use block',
-                )
+                add(f"{path}.tool_use_id", f'"{block["tool_use_id"]}" does not match any earlier tool_use block')
+            elif block["type"] == "mcp_tool_result" and block["tool_use_id"] not in mcp_tool_uses:
+                add(f"{path}.tool_use_id", f'"{block["tool_use_id"]}" does not match any earlier mcp_tool_use block')
 
 
 def _warnings(data: dict[str, Any], values: dict[str, Any], *, endpoint: str) -> list[str]:
@@ -773,6 +782,25 @@ def _warnings(data: dict[str, Any], values: dict[str, Any], *, endpoint: str) ->
     choice = values.get("tool_choice")
     if choice and choice["type"] in ("auto", "none") and not values.get("tools") and not values.get("mcp_servers"):
         warnings.append("tool_choice is given without tools; it has no effect")
+    warnings.extend(_mcp_warnings(values))
+    return warnings
+
+
+def _mcp_warnings(values: dict[str, Any]) -> list[str]:
+    """What the MCP servers will (not) do: /validate calls none of them, so it says so here."""
+    warnings = []
+    servers = values.get("mcp_servers") or []
+    enabled = 0
+    for index, server in enumerate(servers):
+        configuration = server.get("tool_configuration") or {}
+        if configuration.get("enabled") is False:
+            warnings.append(f'mcp_servers[{index}] ("{server["name"]}") is disabled by tool_configuration.enabled: false; it is not contacted')
+            continue
+        enabled += 1
+        if configuration.get("allowed_tools") == []:
+            warnings.append(f'mcp_servers[{index}] ("{server["name"]}") has an empty allowed_tools list; it offers no tools')
+    if values.get("tool_context") is not None and not enabled:
+        warnings.append("tool_context is given only to MCP tool calls, and no MCP server is enabled; it is not used")
     return warnings
 
 

@@ -295,6 +295,14 @@ MESSAGING_MAX_RESULT_CHARS = env_int("MESSAGING_MAX_RESULT_CHARS", 1_000_000, mi
 # for a domain and its subdomains).
 MESSAGING_MCP_ALLOWED_HOSTS = env_list("MESSAGING_MCP_ALLOWED_HOSTS", [])
 MESSAGING_MCP_ALLOW_PRIVATE = env_bool("MESSAGING_MCP_ALLOW_PRIVATE", False)
+# Each MCP step (connecting and listing a server's tools, one tool call) gets this long.
+MESSAGING_MCP_TIMEOUT = env_float("MESSAGING_MCP_TIMEOUT", 30.0, minimum=0.1)
+# A tool's result larger than this (bytes on the wire, and as the result block's JSON) becomes
+# an error result the model sees, rather than filling the message.
+MESSAGING_MCP_MAX_RESULT_BYTES = env_int("MESSAGING_MCP_MAX_RESULT_BYTES", 1024 * 1024, minimum=1024)
+# Model turns that end in MCP tool calls, per message; past that it completes with
+# stop_reason "pause_turn" and the client may send the result back to continue.
+MESSAGING_MAX_TOOL_ROUNDS = env_int("MESSAGING_MAX_TOOL_ROUNDS", 10, minimum=1)
 
 DATA_UPLOAD_MAX_MEMORY_SIZE = MESSAGING_MAX_BODY_BYTES
 
@@ -418,5 +426,9 @@ LOGGING = {
         # httpx logs every request's URL at INFO: model providers' base URLs are the operator's
         # (internal hosts and ports), and the providers log their failures themselves.
         "httpx": {"level": "WARNING"},
+        # The same for MCP servers' URLs (the mcp SDK's HTTP client), and the SDK's own chatter
+        # (session ids, reconnects) is for debugging it.
+        "httpx2": {"level": "WARNING"},
+        "mcp": {"level": "WARNING"},
     },
 }

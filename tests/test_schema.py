@@ -77,7 +77,7 @@ def _union_of(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("component", "field", "kinds"),
     [
-        ("MessageRequest", "content", ["text", "image", "tool_use", "tool_result", "thinking"]),
+        ("MessageRequest", "content", ["text", "image", "tool_use", "tool_result", "thinking", "mcp_tool_use", "mcp_tool_result"]),
         ("ToolResultBlockRequest", "content", ["text", "image"]),
     ],
 )

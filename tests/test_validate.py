@@ -163,7 +163,7 @@ ERRORS: dict[str, tuple[dict[str, Any], list[str]]] = {
     "a block not an object": (blocks("Hi"), ["messages[0].content[0]: must be an object, not string"]),  # type: ignore[arg-type]
     "an unknown block type": (
         blocks({"type": "video", "url": "x"}),
-        ['messages[0].content[0].type: "video" is not one of text, image, tool_use, tool_result, thinking'],
+        ['messages[0].content[0].type: "video" is not one of text, image, tool_use, tool_result, thinking, mcp_tool_use, mcp_tool_result'],
     ),
     "a block without type": (
         blocks({"text": "Hi"}),

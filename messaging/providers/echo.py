@@ -95,7 +95,8 @@ class EchoProvider(Provider):
             stop_reason = "max_tokens"
         elif tool is not None:
             chunks, complete = await asyncio.to_thread(_json_answer, tool.get("input_schema") or {}, remaining, tool_input=True)
-            blocks.append(_tool_use_block(index, _tool_use_id(message_id, index), tool["name"], chunks))
+            tool_id = _tool_use_id(message_id, len(request.get("messages") or ()), index)
+            blocks.append(_tool_use_block(index, tool_id, tool["name"], chunks))
             used += len(chunks)
             stop_reason = "tool_use" if complete else "max_tokens"
         elif json_format is not None:
@@ -223,8 +224,10 @@ def _reflection(text: str, tool: dict | None, json_format: dict | None) -> str:
     return f"{wrote} I will echo them back."
 
 
-def _tool_use_id(message_id: str, index: int) -> str:
-    return "toolu_" + hashlib.sha256(f"{message_id}:{index}".encode()).hexdigest()[:24]
+def _tool_use_id(message_id: str, turn: int, index: int) -> str:
+    # The turn too: each round of a tool loop (messaging/toolloop.py) calls echo again for one
+    # message, and ids must stay unique across the conversation.
+    return "toolu_" + hashlib.sha256(f"{message_id}:{turn}:{index}".encode()).hexdigest()[:24]
 
 
 def _json_answer(schema: dict | bool, budget: int, *, prefer_text: str | None = None, tool_input: bool = False) -> tuple[list[str], bool]:
