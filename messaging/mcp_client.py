@@ -31,6 +31,7 @@ from mcp.client.sse import sse_client
 from mcp.client.streamable_http import streamable_http_client
 
 from messaging import outbound
+from messaging.serializers import TOOL_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -233,8 +234,13 @@ class _Server:
             params = mcp_types.PaginatedRequestParams(cursor=cursor) if cursor else None
             listing = await session.list_tools(params=params)
             for tool in listing.tools:
-                if self._allowed is None or tool.name in self._allowed:
-                    tools.append(Tool(tool.name, self.name, tool.description or "", dict(tool.input_schema)))
+                if self._allowed is not None and tool.name not in self._allowed:
+                    continue
+                if not TOOL_NAME.match(tool.name):
+                    # Every provider refuses such a name: offering it would fail the message.
+                    logger.warning("MCP server %r offers a tool whose name no model accepts (%r); it is not offered", self.name, tool.name[:80])
+                    continue
+                tools.append(Tool(tool.name, self.name, tool.description or "", dict(tool.input_schema)))
             cursor = listing.next_cursor
             if not cursor or len(tools) > MAX_TOOLS_PER_SERVER:
                 break

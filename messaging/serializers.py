@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import binascii
 import hashlib
-import ipaddress
 import math
 import re
 from dataclasses import dataclass
@@ -37,6 +36,8 @@ from messaging.providers.echo import estimate_tokens
 
 REDACTED = "[redacted]"
 TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+# Each is connected to for every run of the message: a bound on what one request sets off.
+MAX_MCP_SERVERS = 20
 MESSAGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
 RESERVED_MESSAGE_IDS = frozenset({"async", "validate"})
 INT64 = (-(2**63), 2**63 - 1)
@@ -196,7 +197,7 @@ class FreeJSONField(PlainMessages, serializers.JSONField):
 
 
 class ListSerializer(PlainMessages, serializers.ListSerializer):
-    default_error_messages = {"not_a_list": "must be an array, not {kind}"}
+    default_error_messages = {"not_a_list": "must be an array, not {kind}", "max_length": "must have at most {max_length} items"}
 
     def to_internal_value(self, data: Any) -> Any:
         if not isinstance(data, list):
@@ -606,9 +607,14 @@ class MessageRequestSerializer(Serializer):
     tool_choice = ToolChoiceSerializer(required=False, allow_null=True)
     tool_context = StrictListField(
         child=FreeJSONField(allow_null=True), required=False, allow_null=True, write_only=True,
-        help_text="Items handed to tools. Secret: never shown in the admin, logs or events.",
+        help_text="Items handed to every MCP tool call in its `_meta.tool_context`, never to the model. "
+        "Secret: never shown in the admin, logs, events or results.",
     )
-    mcp_servers = ListSerializer(child=MCPServerSerializer(), required=False, allow_null=True)
+    mcp_servers = ListSerializer(
+        child=MCPServerSerializer(), required=False, allow_null=True, max_length=MAX_MCP_SERVERS,
+        help_text="MCP servers whose tools the model may use: the service connects, offers their tools, runs the "
+        "calls the model makes (mcp_tool_use / mcp_tool_result blocks) and lets the model continue.",
+    )
     response_format = ResponseFormatSerializer(required=False, allow_null=True)
     system = SystemField(required=False, allow_null=True)
     thinking = ThinkingSerializer(required=False, allow_null=True)

@@ -4,7 +4,7 @@ server saw directly, while the worker that calls it is another process).
 
 `tools` (streamable HTTP): `lookup(key)` answers "the value of KEY is 42"; `context()` answers
 with a digest of the `_meta.tool_context` it received; `slow()` waits; `fail()` raises; `big()` answers a
-long text. Every call is counted. `guarded` is the same server behind a bearer
+long text; one more tool has a name no model accepts. Every call is counted. `guarded` is the same server behind a bearer
 token. `legacy` speaks only the older SSE transport.
 """
 
@@ -34,6 +34,8 @@ class Seen:
     and how its tools behave."""
 
     calls: Counter[str] = field(default_factory=Counter)
+    # `lookup`: words added to its answer (a long answer keeps echo-slow busy afterwards).
+    lookup_padding: str = ""
     tool_contexts: list[Any] = field(default_factory=list)
     authorizations: list[str] = field(default_factory=list)
     # `slow`: how long it sleeps, and how many calls were in it at once at the most.
@@ -56,7 +58,7 @@ def tools_server(seen: Seen, name: str = "tools") -> MCPServer:
     def lookup(key: str) -> str:
         """Look a key up."""
         seen.calls["lookup"] += 1
-        return f"the value of {key} is 42"
+        return f"the value of {key} is 42{seen.lookup_padding}"
 
     @server.tool()
     def context(ctx: Context) -> str:
@@ -70,13 +72,13 @@ def tools_server(seen: Seen, name: str = "tools") -> MCPServer:
 
     @server.tool()
     async def slow() -> str:
-        """Take a while (`slow_seconds`), or until a second call is in it too."""
+        """Take a while (`slow_seconds`), or until two calls have been in it at once."""
         seen.calls["slow"] += 1
         seen.slow_in_flight += 1
         seen.slow_peak = max(seen.slow_peak, seen.slow_in_flight)
         try:
             deadline = asyncio.get_running_loop().time() + seen.slow_seconds
-            while asyncio.get_running_loop().time() < deadline and seen.slow_in_flight < 2:
+            while asyncio.get_running_loop().time() < deadline and seen.slow_peak < 2:
                 await asyncio.sleep(0.01)
         except asyncio.CancelledError:
             seen.slow_cancelled += 1
@@ -96,6 +98,12 @@ def tools_server(seen: Seen, name: str = "tools") -> MCPServer:
         """Answer with `big_size` characters."""
         seen.calls["big"] += 1
         return "x" * seen.big_size
+
+    @server.tool(name="a name no model accepts")
+    def badly_named() -> str:
+        """Never offered to a model: its name breaks every provider's rule."""
+        seen.calls["badly_named"] += 1
+        return "unreachable"
 
     return server
 

@@ -10,8 +10,10 @@ SIGKILL, a cancel) is in tests/test_mcp_worker.py.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +24,7 @@ from messaging.models import MessageJob, Status
 from messaging.providers.echo import estimate_tokens
 from messaging.serializers import check_request
 from tests import aio
-from tests.mcp_servers import TOKEN, McpServer, context_digest, mcp_guarded, mcp_legacy, mcp_tools  # noqa: F401 (fixtures)
+from tests.mcp_servers import TOKEN, McpServer, Seen, context_digest, serve, mcp_guarded, mcp_legacy, mcp_tools  # noqa: F401 (fixtures)
 from tests.test_provider_anthropic import KEY_ENV as ANTHROPIC_KEY_ENV
 from tests.test_provider_anthropic import model as anthropic_model
 from tests.test_provider_openai import KEY_ENV as OPENAI_KEY_ENV
@@ -358,6 +360,7 @@ def test_several_calls_in_one_turn_run_at_once(mcp_tools: McpServer, openai_upst
     # Each call waits (up to 30 s) for a second one to be in the tool with it.
     assert mcp_tools.seen.slow_peak == 2
     assert blocks(job) == ["mcp_tool_use", "mcp_tool_use", "mcp_tool_result", "mcp_tool_result", "text"]
+    assert [block["is_error"] for block in job.result["content"][2:4]] == [False, False], job.result["content"]
 
 
 def test_past_the_round_limit_the_message_pauses_and_can_be_continued(
@@ -507,3 +510,32 @@ def test_mcp_blocks_sent_back_are_checked(alice: Any) -> None:
         'messages[0].content[0].type: "mcp_tool_use" blocks belong to assistant messages (the service made that call)',
         'messages[1].content[0].tool_use_id: "toolu_other" does not match any earlier mcp_tool_use block',
     ]
+
+
+def test_the_readmes_example_server_answers_as_the_readme_shows() -> None:
+    spec = importlib.util.spec_from_file_location("mcp_example", Path(__file__).resolve().parent.parent / "docs" / "examples" / "mcp_server.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    orders = serve(example.server.streamable_http_app(), "orders", "/mcp", Seen())
+    try:
+        job = run(
+            "Where is order 42?",
+            mcp_servers=[{"type": "url", "url": orders.url, "name": "orders"}],
+            tool_choice={"type": "any"},
+            tool_context=[{"customer": "Ada"}],
+        )
+    finally:
+        orders.stop()
+
+    assert job.status == Status.COMPLETED, job.error
+    assert job.result["content"][0]["input"] == {"order": "Where is order 42?"}
+    assert final_text(job) == "Dear Ada, order 42 is shipped on 3 March."
+
+
+def test_at_most_twenty_servers_per_request(alice: Any) -> None:
+    servers = [{"type": "url", "url": f"https://tools{n}.example.com/mcp", "name": f"s{n}"} for n in range(21)]
+
+    answer = alice.post("/v1/messages/validate", {"messages": [{"role": "user", "content": "hi"}], "mcp_servers": servers}, format="json").json()
+
+    assert answer["errors"] == ["mcp_servers: must have at most 20 items"]

@@ -17,8 +17,9 @@ tool_choice, thinking, stop_sequences, the sampling fields the model `supports`.
 prompt goes as a string, or, when `system.citations.enabled` is set, as one text block with
 `citations: {enabled: true}` (the Messages API accepts `citations` on text blocks; whether it
 honours it on a system block depends on the model, and a 400 would say so). `metadata` is not
-sent: the contract says it is kept with the message only. `mcp_servers` are not sent either
-(Anthropic's MCP connector is a beta behind its own header).
+sent: the contract says it is kept with the message only. `mcp_servers` never reach a
+provider: the service itself is the MCP client (messaging/toolloop.py), and this provider sees
+their tools as plain `tools`, their calls and results as `tool_use` and `tool_result` blocks.
 
 `response_format: {type: "json_schema"}` has no native field in API version 2023-06-01. It is
 emulated with a forced tool: a tool named `json_response` whose input schema is the requested

@@ -94,7 +94,8 @@ class EchoProvider(Provider):
         if remaining <= 0:
             stop_reason = "max_tokens"
         elif tool is not None:
-            chunks, complete = await asyncio.to_thread(_json_answer, tool.get("input_schema") or {}, remaining, tool_input=True)
+            # The first free-form string of the input is the user's text: a search tool gets the question.
+            chunks, complete = await asyncio.to_thread(_json_answer, tool.get("input_schema") or {}, remaining, prefer_text=text, tool_input=True)
             tool_id = _tool_use_id(message_id, len(request.get("messages") or ()), index)
             blocks.append(_tool_use_block(index, tool_id, tool["name"], chunks))
             used += len(chunks)
