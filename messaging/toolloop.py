@@ -32,7 +32,7 @@ from django.conf import settings
 
 from messaging.events import MessageBuilder
 from messaging.mcp_client import Toolbox, enabled_servers
-from messaging.providers.base import ModelSpec, Provider
+from messaging.providers.base import ModelSpec, Provider, message_start
 
 MCP_BLOCK_TYPES = ("mcp_tool_use", "mcp_tool_result")
 
@@ -223,23 +223,7 @@ class _Loop:
 
     def _replay(self, blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """A rescued attempt's recorded blocks, as this attempt's events: whole, not re-made."""
-        events = [
-            self.emit(
-                {
-                    "type": "message_start",
-                    "message": {
-                        "id": self.message_id,
-                        "type": "message",
-                        "role": "assistant",
-                        "model": self.spec.id,
-                        "content": [],
-                        "stop_reason": None,
-                        "stop_sequence": None,
-                        "usage": dict(self.usage),
-                    },
-                }
-            )
-        ]
+        events = [self.emit(message_start(self.message_id, self.spec.id, **self.usage))]
         self.started = True
         for index, block in enumerate(blocks):
             events.append(self.emit({"type": "content_block_start", "index": index, "content_block": block}))

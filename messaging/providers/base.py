@@ -65,3 +65,20 @@ class Provider(ABC):
         generating. Work that would hold the event loop for long (building a large example
         from a schema) runs in a thread: every other message of the process shares the loop.
         """
+
+
+def message_start(message_id: str, model: str, *, input_tokens: int = 0, output_tokens: int = 0) -> dict[str, Any]:
+    """The `message_start` event of a message that has no content yet."""
+    return {
+        "type": "message_start",
+        "message": {
+            "id": message_id,
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
+        },
+    }

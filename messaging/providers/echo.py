@@ -25,7 +25,7 @@ from urllib.parse import unquote
 
 from messaging import patterns
 
-from .base import ModelSpec, Provider
+from .base import ModelSpec, Provider, message_start
 
 try:
     from re import _parser as _regex_parser  # Python 3.11+
@@ -57,19 +57,7 @@ class EchoProvider(Provider):
     async def stream(self, request: dict, spec: ModelSpec, *, message_id: str) -> AsyncIterator[dict]:
         # Nothing to release: closed early, or cancelled mid-pause, it simply stops.
         max_tokens = request["max_tokens"]
-        yield {
-            "type": "message_start",
-            "message": {
-                "id": message_id,
-                "type": "message",
-                "role": "assistant",
-                "model": spec.id,
-                "content": [],
-                "stop_reason": None,
-                "stop_sequence": None,
-                "usage": {"input_tokens": estimate_tokens(request), "output_tokens": 0},
-            },
-        }
+        yield message_start(message_id, spec.id, input_tokens=estimate_tokens(request))
 
         text = _last_user_text(request.get("messages") or [])
         tool = _forced_tool(request)

@@ -28,7 +28,7 @@ from typing import Any
 
 from httpx_sse import ServerSentEvent
 
-from .base import SAMPLING_FIELDS, ModelSpec, ProviderError
+from .base import SAMPLING_FIELDS, ModelSpec, ProviderError, message_start
 from .http import Answer, HTTPProvider, StreamCut, Upstream, capitalized, message_in
 from .retry import RETRYABLE_STATUSES
 
@@ -268,19 +268,7 @@ class _Translation:
         return []
 
     def start(self) -> dict[str, Any]:
-        return {
-            "type": "message_start",
-            "message": {
-                "id": self.message_id,
-                "type": "message",
-                "role": "assistant",
-                "model": self.spec.id,
-                "content": [],
-                "stop_reason": None,
-                "stop_sequence": None,
-                "usage": {"input_tokens": 0, "output_tokens": 0},
-            },
-        }
+        return message_start(self.message_id, self.spec.id)
 
     def chunk(self, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         try:
