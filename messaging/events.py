@@ -160,12 +160,15 @@ class EventRecorder:
             field = _DELTA_FIELD.get(event["delta"].get("type"))
             if field is not None:
                 self._chars += len(event["delta"][field])
-            # Checked before the event is kept, so what is stored stays within the limit.
-            if self._chars > self._max_chars:
-                raise ResultTooLarge(
-                    f"The model's answer grew past {self._max_chars} characters "
-                    "(MESSAGING_MAX_RESULT_CHARS); it was stopped there."
-                )
+        elif _is_tool_result(event):
+            # Tools' answers are part of what the message stores, whole in their start.
+            self._chars += len(json.dumps(event["content_block"].get("content") or []))
+        # Checked before the event is kept, so what is stored stays within the limit.
+        if self._chars > self._max_chars:
+            raise ResultTooLarge(
+                f"The answer grew past {self._max_chars} characters "
+                "(MESSAGING_MAX_RESULT_CHARS); it was stopped there."
+            )
         self.builder.apply(event)
         if not self.token_deltas and self._buffer and _mergeable(self._buffer[-1], event):
             previous = self._buffer[-1]

@@ -24,6 +24,7 @@ from messaging.models import MessageJob, Status
 from messaging.providers.echo import estimate_tokens
 from messaging.serializers import check_request
 from tests import aio
+from tests.processes import wait_until
 from tests.mcp_servers import TOKEN, McpServer, Seen, context_digest, serve, mcp_guarded, mcp_legacy, mcp_tools  # noqa: F401 (fixtures)
 from tests.test_provider_anthropic import KEY_ENV as ANTHROPIC_KEY_ENV
 from tests.test_provider_anthropic import model as anthropic_model
@@ -539,3 +540,26 @@ def test_at_most_twenty_servers_per_request(alice: Any) -> None:
     answer = alice.post("/v1/messages/validate", {"messages": [{"role": "user", "content": "hi"}], "mcp_servers": servers}, format="json").json()
 
     assert answer["errors"] == ["mcp_servers: must have at most 20 items"]
+
+
+def test_the_message_timeout_interrupts_a_tool_call_and_closes_it(mcp_tools: McpServer, settings: Any) -> None:
+    settings.MESSAGING_JOB_TIMEOUT = 1
+
+    job = run(mcp_servers=[server(mcp_tools, tool_configuration={"allowed_tools": ["slow"]})], tool_choice={"type": "any"})
+
+    assert job.status == Status.FAILED
+    assert job.error["type"] == "timeout_error"
+    assert blocks(job) == ["mcp_tool_use"]
+    # The call was cut (the tool would take 30 s), and the server saw it go.
+    wait_until(lambda: mcp_tools.seen.slow_in_flight == 0, what="the tool call to be closed")
+
+
+def test_tool_results_count_towards_what_a_message_may_store(mcp_tools: McpServer, settings: Any) -> None:
+    settings.MESSAGING_MAX_RESULT_CHARS = 5000
+    mcp_tools.seen.big_size = 6000
+
+    job = run(mcp_servers=[server(mcp_tools, tool_configuration={"allowed_tools": ["big"]})], tool_choice={"type": "any"})
+
+    assert job.status == Status.FAILED
+    assert job.error == {"type": "invalid_output_error", "message": "The answer grew past 5000 characters (MESSAGING_MAX_RESULT_CHARS); it was stopped there."}
+    assert blocks(job) == ["mcp_tool_use"]
