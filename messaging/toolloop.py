@@ -32,7 +32,7 @@ from django.conf import settings
 
 from messaging.events import MessageBuilder
 from messaging.mcp_client import Toolbox, enabled_servers
-from messaging.providers.base import ModelSpec, Provider, message_start
+from messaging.providers.base import ModelSpec, Provider, ProviderError, message_start
 
 MCP_BLOCK_TYPES = ("mcp_tool_use", "mcp_tool_result")
 
@@ -46,9 +46,20 @@ async def stream(provider: Provider, request: dict[str, Any], spec: ModelSpec, *
                 yield event
         return
     async with Toolbox(servers, tool_context=request.get("tool_context"), own_tools=request.get("tools") or []) as toolbox:
+        _check_named_tools(request, toolbox)
         async with contextlib.aclosing(_Loop(provider, request, spec, message_id, toolbox).run(recorded)) as events:
             async for event in events:
                 yield event
+
+
+def _check_named_tools(request: dict[str, Any], toolbox: Toolbox) -> None:
+    """A tool named by `tool_choice` or `response_format` could only be checked at validation
+    against the request's own tools; now the servers' are known too."""
+    names = {tool["name"] for tool in request.get("tools") or ()} | set(toolbox.tools)
+    for field in ("tool_choice", "response_format"):
+        name = (request.get(field) or {}).get("name")
+        if name is not None and name not in names:
+            raise ProviderError(f'{field}.name "{name}" is none of the tools of the request or its MCP servers.', error_type="invalid_request_error")
 
 
 def model_request(request: dict[str, Any], *, after: list[dict[str, Any]] = (), tools: list[dict[str, Any]] | None = None, tool_choice: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -134,8 +145,12 @@ class _Loop:
 
     @property
     def content(self) -> list[dict[str, Any]]:
+        """The blocks so far, whole (a copy: once per model turn)."""
         result = self.output.result()
         return result["content"] if result else []
+
+    def _block_count(self) -> int:
+        return len(self.output.message["content"]) if self.output.message else 0
 
     def emit(self, event: dict[str, Any]) -> dict[str, Any]:
         self.output.apply(event)
@@ -156,7 +171,7 @@ class _Loop:
         else:
             stop = None
         while stop is None:
-            turn_start = len(self.content)
+            turn_start = self._block_count()
             stop_reason, stop_sequence = None, None
             choice = self._tool_choice(rounds)
             model_request_ = model_request(self.request, after=self.content, tools=self.tools, tool_choice=choice)
@@ -241,7 +256,7 @@ class _Loop:
         try:
             for next_done in asyncio.as_completed(list(tasks)):
                 block, is_error, content = await next_done
-                index = len(self.content)
+                index = self._block_count()
                 result = {"type": "mcp_tool_result", "tool_use_id": block["id"], "is_error": is_error, "content": content}
                 yield self.emit({"type": "content_block_start", "index": index, "content_block": result})
                 yield self.emit({"type": "content_block_stop", "index": index})

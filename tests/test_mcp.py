@@ -13,6 +13,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -563,3 +565,43 @@ def test_tool_results_count_towards_what_a_message_may_store(mcp_tools: McpServe
     assert job.status == Status.FAILED
     assert job.error == {"type": "invalid_output_error", "message": "The answer grew past 5000 characters (MESSAGING_MAX_RESULT_CHARS); it was stopped there."}
     assert blocks(job) == ["mcp_tool_use"]
+
+
+def test_a_forced_tool_that_no_server_offers_fails_the_message_as_the_clients_mistake(mcp_tools: McpServer) -> None:
+    job = run(mcp_servers=[server(mcp_tools)], tool_choice={"type": "tool", "name": "lookup_typo"})
+
+    assert job.status == Status.FAILED
+    assert job.error == {"type": "invalid_request_error", "message": 'tool_choice.name "lookup_typo" is none of the tools of the request or its MCP servers.'}
+    assert mcp_tools.seen.calls == {}
+
+
+class _Redirect(BaseHTTPRequestHandler):
+    """Answers everything with a redirect to `target` (set per server)."""
+
+    target = ""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _redirect(self) -> None:
+        self.send_response(307)
+        self.send_header("Location", self.server.target)  # type: ignore[attr-defined]
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST = do_DELETE = _redirect
+
+
+def test_a_redirect_to_another_host_is_not_followed(mcp_tools: McpServer) -> None:
+    redirector = ThreadingHTTPServer(("127.0.0.1", 0), _Redirect)
+    redirector.target = mcp_tools.url  # type: ignore[attr-defined]
+    threading.Thread(target=redirector.serve_forever, daemon=True).start()
+    try:
+        job = run(mcp_servers=[{"type": "url", "url": f"http://127.0.0.1:{redirector.server_port}/mcp", "name": "moved"}])
+    finally:
+        redirector.shutdown()
+
+    assert job.status == Status.FAILED
+    assert job.error["type"] == "mcp_error"
+    assert job.error["message"] == f'MCP server "moved" could not be used: MCPError: Redirect to {mcp_tools.url} not followed; use that URL as the endpoint if it is the intended server'
+    assert mcp_tools.seen.calls == {}
