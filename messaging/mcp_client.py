@@ -21,17 +21,20 @@ import contextlib
 import json
 import logging
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx2
-import mcp_types
 from django.conf import settings
-from mcp import ClientSession
-from mcp.client.sse import sse_client
-from mcp.client.streamable_http import streamable_http_client
 
 from messaging import outbound
 from messaging.serializers import TOOL_NAME
+
+if TYPE_CHECKING:
+    from mcp import ClientSession
+
+# The SDK (with pydantic models for the whole protocol) costs a process 0.35 s and 30 MB to
+# import: it is imported when a message first names an MCP server, not by every web and worker
+# process at start.
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +205,10 @@ class _Server:
                 raise
 
     async def _serve(self, *, old_transport: bool) -> None:
+        from mcp import ClientSession
+        from mcp.client.sse import sse_client
+        from mcp.client.streamable_http import streamable_http_client
+
         assert self._ready is not None
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else None
         limit = settings.MESSAGING_MCP_MAX_RESULT_BYTES
@@ -228,6 +235,8 @@ class _Server:
             await self._closing.wait()
 
     async def _list_tools(self, session: ClientSession) -> list[Tool]:
+        import mcp_types
+
         tools: list[Tool] = []
         cursor = None
         for _ in range(MAX_TOOL_PAGES):
@@ -308,6 +317,8 @@ def _text(text: str) -> list[dict[str, Any]]:
 
 def _block(item: Any) -> dict[str, Any]:
     """An MCP content item as a content block of ours (text or image; the rest as text)."""
+    import mcp_types
+
     if isinstance(item, mcp_types.TextContent):
         return {"type": "text", "text": item.text}
     if isinstance(item, mcp_types.ImageContent):

@@ -13,6 +13,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import os
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -605,3 +608,16 @@ def test_a_redirect_to_another_host_is_not_followed(mcp_tools: McpServer) -> Non
     assert job.error["type"] == "mcp_error"
     assert job.error["message"] == f'MCP server "moved" could not be used: MCPError: Redirect to {mcp_tools.url} not followed; use that URL as the endpoint if it is the intended server'
     assert mcp_tools.seen.calls == {}
+
+
+def test_processes_import_the_mcp_sdk_only_when_a_message_needs_it() -> None:
+    # 0.35 s and 30 MB per web and worker process otherwise.
+    code = (
+        "import django, sys; django.setup(); "
+        "import messaging.runner, messaging.streaming, messaging.views, project.urls; "
+        "print(sorted(name for name in sys.modules if name == 'mcp' or name.startswith(('mcp.', 'mcp_types'))))"
+    )
+    answer = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env={**os.environ, "DJANGO_SETTINGS_MODULE": "project.settings"})
+
+    assert answer.returncode == 0, answer.stderr
+    assert answer.stdout.strip() == "[]"
