@@ -89,6 +89,8 @@ class Toolbox:
         self.tools: dict[str, Tool] = {}
 
     async def __aenter__(self) -> Toolbox:
+        # The first import takes a third of a second: not on the event loop every message shares.
+        await asyncio.to_thread(_import_sdk)
         for server in self._servers:
             server.start()
         try:
@@ -285,6 +287,11 @@ class _Server:
             error = McpError(f'MCP server "{self.name}" could not be used: {_reason(exc)}')
         error.old_transport = not old_transport and status in _OLD_TRANSPORT_STATUSES  # type: ignore[attr-defined]
         return error
+
+
+def _import_sdk() -> None:
+    import mcp.client.sse
+    import mcp.client.streamable_http  # noqa: F401
 
 
 def _found(exc: BaseException, kind: type[E]) -> E | None:
