@@ -1,4 +1,4 @@
-"""The admin: staff look at messages, cancel them, and manage API keys.
+"""The admin: staff look at messages, cancel them, and manage API keys and webhooks.
 
 Built for a table of a million messages: the list never counts the whole table, searches are
 exact matches on indexed columns, filters never scan for their choices, and a message's page
@@ -12,6 +12,7 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
+from django import forms
 from django.contrib import admin, messages
 from django.contrib.admin.utils import quote, unquote
 from django.core.exceptions import PermissionDenied
@@ -27,9 +28,9 @@ from django.utils.safestring import SafeString
 from rest_framework_api_key.admin import APIKeyModelAdmin
 from rest_framework_api_key.models import APIKey as LibraryAPIKey
 
-from messaging import catalog, jobs
+from messaging import catalog, jobs, webhooks
 from messaging.errors import Conflict
-from messaging.models import ACTIVE_STATUSES, APIKey, MessageEvent, MessageJob
+from messaging.models import ACTIVE_STATUSES, APIKey, MessageEvent, MessageJob, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from messaging.serializers import split_secrets
 
 # A message can have thousands of events (one per streamed token); its page shows the first ones.
@@ -424,3 +425,99 @@ class APIKeyAdmin(APIKeyModelAdmin):
         revoked = queryset.filter(revoked=False).update(revoked=True)
         noun = "key" if revoked == 1 else "keys"
         self.message_user(request, f"Revoked {revoked} API {noun}.", messages.SUCCESS)
+
+
+# --- Webhooks -------------------------------------------------------------------------------------
+
+
+class WebhookEndpointForm(forms.ModelForm):
+    class Meta:
+        model = WebhookEndpoint
+        fields = ("owner", "url", "description", "is_active")
+
+    def clean_url(self) -> str:
+        url = self.cleaned_data["url"]
+        problem = webhooks.url_problem(url)
+        if problem:
+            raise forms.ValidationError(problem)
+        return url
+
+
+@admin.register(WebhookEndpoint)
+class WebhookEndpointAdmin(admin.ModelAdmin):
+    """Creating an endpoint shows its signing secret once, in a message; never after."""
+
+    form = WebhookEndpointForm
+    list_display = ("url", "owner", "is_active", "description", "created_at")
+    list_filter = ("is_active",)
+    search_fields = ("owner", "url")
+    ordering = ("-created_at",)
+
+    def get_readonly_fields(self, request: HttpRequest, obj: Any = None) -> tuple[str, ...]:
+        # Its deliveries carry the owner's messages: re-owning it would send them elsewhere.
+        return ("owner",) if obj is not None else ()
+
+    def save_model(self, request: HttpRequest, obj: WebhookEndpoint, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if not change:
+            self.message_user(
+                request,
+                f"The signing secret of this endpoint is {obj.secret}. It is shown only now: give it to the receiver, which verifies every event with it.",
+                messages.WARNING,
+            )
+
+
+class WebhookAttemptInline(admin.TabularInline):
+    model = WebhookAttempt
+    fields = ("attempted_at", "status_code", "duration_ms", "error")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    max_num = 0  # no "add another" row
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(admin.ModelAdmin):
+    """Each delivery with every attempt's status code and time; "Redeliver" sends it again."""
+
+    list_display = ("webhook_id", "event_type", "message", "endpoint", "status", "attempts", "last_status_code", "last_attempt_at", "next_attempt_at")
+    list_filter = ("status", "event_type")
+    list_select_related = ("endpoint", "job")
+    search_fields = ("webhook_id", "job__message_id")
+    search_help_text = "An exact webhook_id or message_id."
+    ordering = ("-created_at", "-id")
+    sortable_by = ()
+    show_full_result_count = False
+    paginator = CappedCountPaginator
+    fields = ("webhook_id", "event_type", "message", "endpoint", "status", "attempts", "last_status_code", "last_error", "last_attempt_at", "next_attempt_at", "give_up_at", "delivered_at", "created_at")
+    readonly_fields = fields
+    inlines = (WebhookAttemptInline,)
+    actions = ["redeliver_selected"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_redeliver_permission(self, request: HttpRequest) -> bool:
+        return bool(request.user.has_perm("messaging.change_webhookdelivery"))
+
+    def get_search_results(self, request: HttpRequest, queryset: QuerySet[WebhookDelivery], search_term: str) -> tuple[QuerySet[WebhookDelivery], bool]:
+        term = search_term.strip()
+        if not term:
+            return queryset, False
+        return queryset.filter(Q(webhook_id=term) | Q(job__message_id=term)), False
+
+    @admin.display(description="message")
+    def message(self, obj: WebhookDelivery) -> str:
+        return obj.job.message_id
+
+    @admin.action(description="Redeliver selected webhook deliveries", permissions=["redeliver"])
+    def redeliver_selected(self, request: HttpRequest, queryset: QuerySet[WebhookDelivery]) -> None:
+        count = webhooks.redeliver(queryset.values_list("pk", flat=True))
+        noun = "delivery" if count == 1 else "deliveries"
+        self.message_user(request, f"{count} {noun} will be sent again now, with the same webhook-id.", messages.SUCCESS)

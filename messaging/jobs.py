@@ -31,7 +31,7 @@ from django.db.models import F, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from messaging import notify, queue
+from messaging import notify, queue, webhooks
 from messaging.errors import Conflict
 from messaging.events import build_result
 from messaging.models import ACTIVE_STATUSES, MessageEvent, MessageJob, Status
@@ -252,6 +252,7 @@ def _give_up(pk: int, attempts: int, correlation_id: str | None, message_id: str
     if ended:
         # What its attempts streamed stays its result, as for any message that ends early.
         MessageJob.objects.filter(pk=pk).update(result=recorded_result(pk))
+        webhooks.enqueue([pk])
         logger.error("message %s gave up after %s attempts", message_id, attempts)
 
 
@@ -324,6 +325,7 @@ def record(writes: list[Write]) -> set[int]:
                     continue
                 rows += _numbered(write.job_pk, last, events)
         MessageEvent.objects.bulk_create(rows)
+        webhooks.enqueue(write.job_pk for write in writes if write.end is not None and write.job_pk not in lost)
         notify.publish([write.job_pk for write in writes if write.job_pk not in lost])
     return lost
 
@@ -399,6 +401,7 @@ def cancel(job: MessageJob) -> MessageJob:
         if won:
             # Events are fenced by status, so none can land after ours: they are final.
             MessageJob.objects.filter(pk=job.pk).update(result=recorded_result(job.pk))
+            webhooks.enqueue([job.pk])
     job.refresh_from_db()
     if job.status != Status.CANCELLED:
         raise Conflict(f"Message {job.message_id} has already {_finished_phrase(job.status)}; it cannot be cancelled.")
@@ -449,5 +452,6 @@ def _cancel_pending(pks: list[int]) -> int:
             MessageEvent(job_id=pk, sequence=last + 1, type="status", data=status_event(Status.CANCELLED, correlation_id))
             for pk, last, correlation_id in rows
         )
+        webhooks.enqueue(pk for pk, _, _ in rows)
         notify.publish([pk for pk, _, _ in rows])
     return len(rows)

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import os
 import time
 
@@ -139,3 +140,78 @@ class WorkerHeartbeat(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+def new_webhook_secret() -> str:
+    """A signing secret in the Standard Webhooks form: `whsec_` and 24 random bytes, base64."""
+    return "whsec_" + base64.b64encode(os.urandom(24)).decode()
+
+
+class WebhookEndpoint(models.Model):
+    """Where an owner's messages announce that they finished (messaging/webhooks.py)."""
+
+    owner = models.CharField(max_length=150, db_index=True, help_text="Whose messages it is told about.")
+    # Checked by messaging.webhooks.url_problem (http(s), and the outbound policy), not URLField's rules.
+    url = models.CharField(max_length=2048, help_text="http(s); the outbound policy applies, as for MCP servers.")
+    description = models.CharField(max_length=200, blank=True)
+    # Shown once, when the endpoint is created; never again (not in the admin, not in logs).
+    secret = models.CharField(max_length=100, default=new_webhook_secret, editable=False)
+    is_active = models.BooleanField(default=True, help_text="Inactive: no new events (those already queued are still delivered).")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "webhook endpoint"
+
+    def __str__(self) -> str:
+        return f"{self.owner}: {self.url}"
+
+
+class DeliveryStatus(models.TextChoices):
+    PENDING = "pending", "pending"
+    DELIVERED = "delivered", "delivered"
+    FAILED = "failed", "failed (gave up)"
+
+
+class WebhookDelivery(models.Model):
+    """The outbox: one event for one endpoint, written in the transaction that ended the
+    message, delivered by the workers until a 2xx or its give-up time."""
+
+    endpoint = models.ForeignKey(WebhookEndpoint, on_delete=models.CASCADE, related_name="deliveries")
+    job = models.ForeignKey(MessageJob, on_delete=models.CASCADE, related_name="webhook_deliveries")
+    event_type = models.CharField(max_length=64)
+    # The `webhook-id` header: the same for every attempt, so a receiver can drop repeats.
+    webhook_id = models.CharField(max_length=64, unique=True)
+    status = models.CharField(max_length=16, choices=DeliveryStatus.choices, default=DeliveryStatus.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    # When a worker may next try it: due now, after a backoff, or after a claim's lease.
+    next_attempt_at = models.DateTimeField(null=True, blank=True)
+    give_up_at = models.DateTimeField()
+    last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    last_error = models.CharField(max_length=300, blank=True)
+    last_attempt_at = models.DateTimeField(null=True, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        verbose_name = "webhook delivery"
+        verbose_name_plural = "webhook deliveries"
+        indexes = [
+            models.Index(fields=["next_attempt_at"], condition=Q(status="pending"), name="delivery_due"),
+            models.Index(fields=["-created_at", "-id"], name="delivery_created"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.event_type} {self.webhook_id}"
+
+
+class WebhookAttempt(models.Model):
+    """One POST of a delivery: what the receiver answered, and when."""
+
+    delivery = models.ForeignKey(WebhookDelivery, on_delete=models.CASCADE, related_name="attempt_log")
+    attempted_at = models.DateTimeField()
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    error = models.CharField(max_length=300, blank=True)
+    duration_ms = models.PositiveIntegerField()
+
+    class Meta:
+        ordering = ["attempted_at", "id"]

@@ -19,6 +19,9 @@ connections), in rounds shared by every message of the process:
   messages never look like a dead one's. A worker also writes its heartbeat and, with free
   slots, claims work nobody woke it for (a lost token, a lease that ran out).
 
+A worker's runner also sends the webhook deliveries that are due (messaging/webhooks.py), each
+in a task of its own, at once when one of its messages ends and every MESSAGING_WEBHOOK_INTERVAL.
+
 A worker's runner claims for itself (`jobs.claim`: highest priority first, messages whose
 worker died included) when a django-q2 token arrives, when a slot frees up under a backlog,
 and at every renew round. When django-q2 stops the worker (SIGTERM to the cluster) its main
@@ -48,7 +51,7 @@ from django.conf import settings
 from django.db import close_old_connections, connection, connections
 from django.utils import timezone
 
-from messaging import catalog, jobs, patterns, queue, toolloop
+from messaging import catalog, jobs, patterns, queue, toolloop, webhooks
 from messaging.events import EventRecorder, ResultTooLarge
 from messaging.mcp_client import McpError, enabled_servers
 from messaging.models import MessageJob, Status, WorkerHeartbeat
@@ -64,6 +67,8 @@ SERVICE_FAILED = {"type": "api_error", "message": "The service failed while runn
 # Messages one claim takes at most: a worker with hundreds of free slots leaves some of a
 # burst to the others.
 CLAIM_BATCH = 32
+# Webhook deliveries a worker process sends at once.
+WEBHOOKS_IN_FLIGHT = 64
 TO_THREAD_THREADS = 4
 
 
@@ -102,6 +107,8 @@ class Runner:
         self._close_soon: asyncio.Event | None = None
         self._claim_lock: asyncio.Lock | None = None
         self._refill: asyncio.Task[Any] | None = None
+        self._webhooks_soon: asyncio.Event | None = None
+        self._sending: set[asyncio.Task[None]] = set()  # webhook deliveries in flight
         self._backlog = False
         self._stopping = False
         self._closing = False
@@ -165,19 +172,23 @@ class Runner:
         self._flush_soon = asyncio.Event()
         self._close_soon = asyncio.Event()
         self._claim_lock = asyncio.Lock()
+        self._webhooks_soon = asyncio.Event()
         rounds = [
             asyncio.create_task(self._every(settings.MESSAGING_FLUSH_INTERVAL, self._flush, wake=self._flush_soon)),
             asyncio.create_task(self._every(settings.MESSAGING_CHECK_INTERVAL, self._check)),
             asyncio.create_task(self._every(settings.MESSAGING_RECOVERY_INTERVAL, self._renew, first=0.0)),
         ]
+        if self.claims:
+            rounds.append(asyncio.create_task(self._every(settings.MESSAGING_WEBHOOK_INTERVAL, self._deliver_webhooks, wake=self._webhooks_soon)))
         try:
             while not self._should_stop():
                 await _woken(self._close_soon, settings.MESSAGING_CHECK_INTERVAL)
             await self._drain()
         finally:
-            for task in rounds:
+            # Deliveries in flight are cut: each is tried again once its claim runs out.
+            for task in [*rounds, *self._sending]:
                 task.cancel()
-            await asyncio.gather(*rounds, return_exceptions=True)
+            await asyncio.gather(*rounds, *self._sending, return_exceptions=True)
             await close_clients()
 
     def _should_stop(self) -> bool:
@@ -366,6 +377,8 @@ class Runner:
                 self._supersede(write.job_pk)
             elif running.written is not None and write.end is not None and not running.written.done():
                 running.written.set_result(None)
+                if self._webhooks_soon is not None:
+                    self._webhooks_soon.set()  # its webhooks, if any, go out now, not at the next round
 
     async def _check(self) -> None:
         mine = [(pk, running.attempt) for pk, running in self._running.items() if running.stopped_by is None]
@@ -384,6 +397,25 @@ class Runner:
         if self.claims:
             await self._call(beat, self.name)
             await self._claim()
+
+    async def _deliver_webhooks(self) -> None:
+        """Send the webhook deliveries that are due, each in a task of its own: a slow receiver
+        holds nothing but its own delivery."""
+        free = WEBHOOKS_IN_FLIGHT - len(self._sending)
+        if self._stopping or free <= 0:
+            return
+        for due in await self._call(webhooks.claim_due, free):
+            task = asyncio.ensure_future(self._send_webhook(due))
+            self._sending.add(task)
+            task.add_done_callback(self._sending.discard)
+
+    async def _send_webhook(self, due: webhooks.Due) -> None:
+        outcome = await webhooks.send(due)
+        try:
+            await self._call(webhooks.record_attempt, due.pk, outcome)
+        except Exception:
+            # Not recorded: its claim runs out and it is sent again (at least once).
+            logger.exception("recording webhook delivery %s failed", due.webhook_id)
 
     async def _drain(self) -> None:
         self._stopping = True

@@ -300,6 +300,14 @@ MESSAGING_MCP_TIMEOUT = env_float("MESSAGING_MCP_TIMEOUT", 30.0, minimum=0.1)
 # A tool's result larger than this (bytes on the wire, and as the result block's JSON) becomes
 # an error result the model sees, rather than filling the message.
 MESSAGING_MCP_MAX_RESULT_BYTES = env_int("MESSAGING_MCP_MAX_RESULT_BYTES", 1024 * 1024, minimum=1024)
+# Webhooks (messaging/webhooks.py): each POST may take this long; a failed one is tried again
+# after MESSAGING_WEBHOOK_RETRY_BASE seconds, doubling up to an hour, until
+# MESSAGING_WEBHOOK_GIVE_UP seconds after the event; workers look for due deliveries every
+# MESSAGING_WEBHOOK_INTERVAL seconds (at once when one of their own messages ends).
+MESSAGING_WEBHOOK_TIMEOUT = env_float("MESSAGING_WEBHOOK_TIMEOUT", 10.0, minimum=0.1)
+MESSAGING_WEBHOOK_RETRY_BASE = env_float("MESSAGING_WEBHOOK_RETRY_BASE", 5.0, minimum=0.01)
+MESSAGING_WEBHOOK_GIVE_UP = env_float("MESSAGING_WEBHOOK_GIVE_UP", 24 * 3600.0, minimum=1.0)
+MESSAGING_WEBHOOK_INTERVAL = env_float("MESSAGING_WEBHOOK_INTERVAL", 1.0, minimum=0.01)
 # Model turns that end in MCP tool calls, per message; past that it completes with
 # stop_reason "pause_turn" and the client may send the result back to continue.
 MESSAGING_MAX_TOOL_ROUNDS = env_int("MESSAGING_MAX_TOOL_ROUNDS", 10, minimum=1)
