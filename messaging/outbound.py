@@ -16,8 +16,10 @@ for a domain and its subdomains) are called at all.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
@@ -133,10 +135,16 @@ class _Limited(httpx2.AsyncByteStream):
         await self._stream.aclose()
 
 
+@functools.cache
+def _ssl_context() -> ssl.SSLContext:
+    # Loading the CA bundle takes 20-35 ms: once per process, not per connection's client.
+    return httpx2.create_ssl_context()
+
+
 class _PolicyTransport(httpx2.AsyncHTTPTransport):
     def __init__(self, max_response_bytes: int, on_too_large: Callable[[], None] | None):
         # No proxies from the environment: a proxy would make the connection, not us.
-        super().__init__(trust_env=False)
+        super().__init__(verify=_ssl_context(), trust_env=False)
         # httpx2 takes no network backend; the pool under it (httpcore2) does.
         self._pool = httpcore2.AsyncConnectionPool(ssl_context=self._pool._ssl_context, network_backend=_PolicyBackend())
         self._max_response_bytes = max_response_bytes
