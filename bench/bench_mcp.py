@@ -57,6 +57,7 @@ from mcp.client.streamable_http import streamable_http_client  # noqa: E402
 from mcp.server.mcpserver import MCPServer  # noqa: E402
 
 from bench.bench_api import free_port, revision  # noqa: E402
+from bench.bench_stream import percentile  # noqa: E402
 from messaging import toolloop  # noqa: E402
 from messaging.providers.base import ModelSpec, Provider, message_start  # noqa: E402
 
@@ -130,11 +131,6 @@ async def loop(url: str, rounds: int) -> tuple[float, list[float]]:
     return setup, [later - earlier for earlier, later in zip(results, results[1:])]
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
-
-
 async def main(args: argparse.Namespace) -> None:
     settings.MESSAGING_MAX_TOOL_ROUNDS = args.rounds
     url, web = start_server()
@@ -153,12 +149,12 @@ async def main(args: argparse.Namespace) -> None:
     print(f"bench_mcp: {args.messages} messages of {args.rounds} rounds each, commit {revision()}, Python {sys.version.split()[0]}")
     print(f"{'':8} {'setup p50':>10} {'setup p99':>10} {'round p50':>10} {'round p99':>10}  (ms)")
     for name, values in figures.items():
-        row = [percentile(values[kind], q) * 1000 for kind in ("setup", "round") for q in (50, 99)]
+        row = [percentile(values[kind], q) * 1000 for kind in ("setup", "round") for q in (0.5, 0.99)]
         print(f"{name:8} " + " ".join(f"{value:10.2f}" for value in row))
     d, lo = figures["direct"], figures["loop"]
-    ratios = [percentile(lo[kind], q) / percentile(d[kind], q) for kind in ("setup", "round") for q in (50, 99)]
+    ratios = [percentile(lo[kind], q) / percentile(d[kind], q) for kind in ("setup", "round") for q in (0.5, 0.99)]
     print(f"{'ratio':8} " + " ".join(f"{value:10.2f}" for value in ratios) + "  (loop / direct)")
-    added = [(percentile(lo["round"], q) - percentile(d["round"], q)) * 1000 for q in (50, 99)]
+    added = [(percentile(lo["round"], q) - percentile(d["round"], q)) * 1000 for q in (0.5, 0.99)]
     print(f"the loop adds {added[0]:.2f} ms per round at p50, {added[1]:.2f} ms at p99 (median of direct's: {statistics.median(d['round']) * 1000:.2f} ms per call)")
 
 
