@@ -6,9 +6,10 @@ from __future__ import annotations
 from functools import cache
 from typing import Any
 
-from drf_spectacular.extensions import OpenApiAuthenticationExtension, OpenApiSerializerFieldExtension
+from drf_spectacular.extensions import OpenApiAuthenticationExtension, OpenApiSerializerExtension, OpenApiSerializerFieldExtension
 from drf_spectacular.plumbing import get_lib_doc_excludes
 from drf_spectacular.utils import PolymorphicProxySerializer
+from rest_framework import serializers
 
 
 class APIKeyAuthenticationScheme(OpenApiAuthenticationExtension):
@@ -24,6 +25,35 @@ class APIKeyAuthenticationScheme(OpenApiAuthenticationExtension):
             {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"},
             {"type": "apiKey", "in": "header", "name": "x-api-key", "description": "x-api-key: <key>"},
         ]
+
+
+# --- The request body ----------------------------------------------------------------------------
+# Generated clients name their classes after components: the body is `ChatRequest` and each of
+# its messages a `ChatMessageRequest` (drf-spectacular adds "Request" to request components),
+# not `MessageRequestRequest` beside a `MessageRequest` that is one message of it.
+
+
+class ChatRequestSchema(OpenApiSerializerExtension):
+    target_class = "messaging.serializers.MessageRequestSerializer"
+
+    def get_name(self, auto_schema: Any, direction: str) -> str:
+        return "Chat"
+
+    def map_serializer(self, auto_schema: Any, direction: str) -> dict[str, Any]:
+        schema: dict[str, Any] = auto_schema._map_serializer(self.target_class, direction, bypass_extensions=True)
+        # openapi-typescript makes a property with a default required ("defaultNonNullable"), so a
+        # TypeScript client would have to send `stream: false`; the default is said in words.
+        stream = schema["properties"]["stream"]
+        stream.pop("default", None)
+        stream["description"] = "Default false. On POST /v1/messages: answer as Server-Sent Events. On /async: record every token delta."
+        return schema
+
+
+class ChatMessageSchema(OpenApiSerializerExtension):
+    target_class = "messaging.serializers.MessageSerializer"
+
+    def get_name(self, auto_schema: Any, direction: str) -> str:
+        return "ChatMessage"
 
 
 # --- Content blocks and the system prompt --------------------------------------------------------
@@ -158,11 +188,8 @@ _SSE_EXAMPLE = (
 
 @cache
 def _server_sent_event() -> Any:
-    # The schema of a text/event-stream response describes each of its events, as OpenAPI 3.2's
-    # `itemSchema` does and as Schemathesis checks a stream; one class, or drf-spectacular
-    # would see two components of one name.
+    # One class, or drf-spectacular would see two components of one name.
     from drf_spectacular.utils import inline_serializer
-    from rest_framework import serializers
 
     return inline_serializer(
         "ServerSentEvent",
@@ -178,12 +205,31 @@ def _server_sent_event() -> Any:
     )
 
 
+class EventStream(serializers.Serializer):
+    """Documentation only: the body of a text/event-stream response (EventStreamSchema)."""
+
+
+class EventStreamSchema(OpenApiSerializerExtension):
+    # OpenAPI 3.0 has no `itemSchema` (3.2) to describe a stream's events apart from its body.
+    # Schemathesis checks each event against the schema, while a generated client reads the
+    # body as text (openapi-python-client would call `ServerSentEvent.from_dict(response.text)`
+    # and crash on a plain event object): a union of the two holds for both.
+    target_class = EventStream
+
+    def map_serializer(self, auto_schema: Any, direction: str) -> dict[str, Any]:
+        return {
+            "oneOf": [{"type": "string"}, auto_schema.resolve_serializer(_server_sent_event(), direction).ref],
+            "description": "The stream as text, as a client that reads the whole body gets it; "
+            "each of its events has the shape of ServerSentEvent.",
+        }
+
+
 def _sse_response(description: str) -> Any:
     from drf_spectacular.utils import OpenApiExample, OpenApiResponse
 
     delta = '{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"Hello"},"sequence_number":5}'
     return OpenApiResponse(
-        _server_sent_event(),
+        EventStream,
         description=f"{description} A completed message's stream:\n\n```\n{_SSE_EXAMPLE}```",
         examples=[
             OpenApiExample("An event", value={"id": "5", "event": "content_block_delta", "data": delta}, response_only=True)
@@ -204,7 +250,7 @@ def _documentation_views() -> list[tuple[str, str, str, Any]]:
 
     class StreamMessage(APIView):
         @extend_schema(
-            operation_id="stream_message",
+            operation_id="messages_stream",
             summary="Follow a message's events as Server-Sent Events",
             description="Replays every stored event, then follows live ones, and closes after the "
             "terminal `status` event. Resume with `Last-Event-ID: N` or `?starting_after=N` to get "
@@ -229,7 +275,7 @@ def _documentation_views() -> list[tuple[str, str, str, Any]]:
 
     class CreateMessage(APIView):
         @extend_schema(
-            operation_id="create_message",
+            operation_id="messages_create",
             summary="Run a chat request and answer with its result",
             description="The synchronous form, and a drop-in for Anthropic's Messages API. "
             "`stream: false` answers 200 with the message (Anthropic's Message object); "

@@ -74,7 +74,7 @@ class JSONBodyView(ApiView):
 
 class ValidateView(JSONBodyView):
     @extend_schema(
-        operation_id="validate_message",
+        operation_id="messages_validate",
         summary="Check a chat request without running it",
         description="Always 200 for a JSON body: `errors` lists every problem at once, `warnings` "
         "what would be ignored or surprising. Nothing is stored, nothing is called.",
@@ -97,7 +97,7 @@ class ValidateView(JSONBodyView):
 
 class AsyncMessageView(JSONBodyView):
     @extend_schema(
-        operation_id="create_message_async",
+        operation_id="messages_create_async",
         summary="Submit a chat request to run in the background",
         description="Validates like /v1/messages/validate; a valid request is stored and queued "
         "in one transaction and answered 202 at once. With `?message_id=`, sending the same body "
@@ -163,9 +163,13 @@ class ListParamsSerializer(serializers.Serializer):
 
 class MessageListView(ApiView):
     @extend_schema(
-        operation_id="list_messages",
+        operation_id="messages_list",
         summary="List your messages, newest first",
-        parameters=[ListParamsSerializer],
+        parameters=[
+            ListParamsSerializer,
+            # The statuses' own component, not an inline copy that generators make a second enum of.
+            OpenApiParameter("status", {"$ref": "#/components/schemas/MessageStatusEnum"}, description="Only messages with this status."),
+        ],
         responses={200: MessageListSerializer, 400: docs.ERROR_RESPONSES[400], **docs.ERRORS_AUTH},
         tags=["messages"],
     )
@@ -217,7 +221,7 @@ class MessageListView(ApiView):
 
 class MessageDetailView(ApiView):
     @extend_schema(
-        operation_id="get_message",
+        operation_id="messages_get",
         summary="A message's status and result",
         responses={200: MessageStateSerializer, 404: docs.ERROR_RESPONSES[404], **docs.ERRORS_AUTH},
         examples=docs.STATE_EXAMPLES,
@@ -229,7 +233,7 @@ class MessageDetailView(ApiView):
 
 class CancelView(ApiView):
     @extend_schema(
-        operation_id="cancel_message",
+        operation_id="messages_cancel",
         summary="Cancel a pending or processing message",
         description="A pending message never runs; a processing one stops within a second and keeps "
         "what it produced. Cancelling a cancelled message is 200 again; a completed, failed or "
@@ -250,7 +254,7 @@ class CancelView(ApiView):
 
 class ModelsView(ApiView):
     @extend_schema(
-        operation_id="list_models",
+        operation_id="models_list",
         summary="The configured models",
         responses={200: ModelListSerializer, **docs.ERRORS_AUTH},
         tags=["models"],

@@ -77,7 +77,7 @@ def _union_of(schema: dict[str, Any], node: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("component", "field", "kinds"),
     [
-        ("MessageRequest", "content", ["text", "image", "tool_use", "tool_result", "thinking", "mcp_tool_use", "mcp_tool_result"]),
+        ("ChatMessageRequest", "content", ["text", "image", "tool_use", "tool_result", "thinking", "mcp_tool_use", "mcp_tool_result"]),
         ("ToolResultBlockRequest", "content", ["text", "image"]),
     ],
 )
@@ -97,7 +97,7 @@ def test_content_blocks_are_a_discriminated_union_of_named_components(
 
 
 def test_the_system_prompt_refers_to_named_components(schema: dict[str, Any]) -> None:
-    system = schema["components"]["schemas"]["MessageRequestRequest"]["properties"]["system"]
+    system = schema["components"]["schemas"]["ChatRequest"]["properties"]["system"]
     options = {option.get("type", option.get("$ref")): option for option in system["oneOf"]}
 
     assert set(options) == {"string", "#/components/schemas/SystemRequest", "array"}
@@ -120,13 +120,17 @@ def test_an_event_stream_is_documented_event_by_event(schema: dict[str, Any], pa
 
     from messaging.schema import _SSE_EXAMPLE
 
-    # Schemathesis (and OpenAPI 3.2's itemSchema) check a stream's schema against each event.
-    event_schema = schema["paths"][path][method]["responses"]["200"]["content"]["text/event-stream"]["schema"]
-    validator = Draft202012Validator(_resolve(schema, event_schema["$ref"]))
+    # Schemathesis (and OpenAPI 3.2's itemSchema) check a stream's schema against each event; a
+    # generated client reads the whole body as text. (`components` beside the schema: its $refs.)
+    stream_schema = schema["paths"][path][method]["responses"]["200"]["content"]["text/event-stream"]["schema"]
+    validator = Draft202012Validator({**stream_schema, "components": schema["components"]})
+    event_only = Draft202012Validator({"$ref": "#/components/schemas/ServerSentEvent", "components": schema["components"]})
 
-    assert event_schema == {"$ref": "#/components/schemas/ServerSentEvent"}
+    assert stream_schema == {"$ref": "#/components/schemas/EventStream"}
     assert [list(validator.iter_errors(event)) for event in _events(_SSE_EXAMPLE)] == [[]] * 9
-    assert not validator.is_valid(_SSE_EXAMPLE)
+    assert [list(event_only.iter_errors(event)) for event in _events(_SSE_EXAMPLE)] == [[]] * 9
+    assert validator.is_valid(_SSE_EXAMPLE)
+    assert not validator.is_valid({"event": "status"})  # no data
 
 
 def test_it_documents_every_endpoint(schema: dict[str, Any]) -> None:
@@ -138,6 +142,42 @@ def test_it_documents_every_endpoint(schema: dict[str, Any]) -> None:
         "/v1/messages/{message_id}/cancel",
         "/v1/models",
     }
+
+
+def test_operation_ids_are_stable_function_names(schema: dict[str, Any]) -> None:
+    # Generated clients name their functions after these (messages_create_async.sync(...)):
+    # renaming one breaks every integrator's code.
+    operation_ids = {f"{method.upper()} {path}": op["operationId"] for path, ops in schema["paths"].items() for method, op in ops.items()}
+
+    assert operation_ids == {
+        "POST /v1/messages/validate": "messages_validate",
+        "POST /v1/messages/async": "messages_create_async",
+        "POST /v1/messages": "messages_create",
+        "GET /v1/messages": "messages_list",
+        "GET /v1/messages/{message_id}": "messages_get",
+        "GET /v1/messages/{message_id}/stream": "messages_stream",
+        "POST /v1/messages/{message_id}/cancel": "messages_cancel",
+        "GET /v1/models": "models_list",
+    }
+
+
+def _inline_shapes(node: Any, where: str) -> Iterator[str]:
+    """Pointers of enums and objects with properties written inline, outside examples."""
+    if isinstance(node, dict):
+        if ("enum" in node or "properties" in node) and not re.fullmatch(r"#/components/schemas/[^/]+", where):
+            yield where
+        for key, value in node.items():
+            if key not in ("examples", "example"):
+                yield from _inline_shapes(value, f"{where}/{key}")
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            yield from _inline_shapes(value, f"{where}/{index}")
+
+
+def test_every_enum_and_object_is_a_named_component(schema: dict[str, Any]) -> None:
+    # Generators make a class of each inline shape, named after where it sits (a second status
+    # enum called ListMessagesStatus): one named component per shape, referred to everywhere.
+    assert list(_inline_shapes(schema, "#")) == []
 
 
 def test_request_bodies_are_json_only(schema: dict[str, Any]) -> None:
