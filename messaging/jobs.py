@@ -34,6 +34,7 @@ from django.utils import timezone
 from messaging import notify, queue, webhooks
 from messaging.errors import Conflict
 from messaging.events import build_result
+from messaging.middleware import request_id_var
 from messaging.models import ACTIVE_STATUSES, MessageEvent, MessageJob, Status
 from messaging.serializers import CheckedRequest, split_secrets
 
@@ -144,6 +145,8 @@ def _new_message(owner: str, checked: CheckedRequest, request_hash: str) -> dict
         "request_hash": request_hash,
         "warnings": checked.warnings,
         "last_sequence": 1,
+        # The submitting request's id ("" outside a request): the worker's logs carry it too.
+        "request_id": "" if (request_id := request_id_var.get()) == "-" else request_id,
     }
 
 

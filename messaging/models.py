@@ -29,16 +29,27 @@ class Status(models.TextChoices):
     FAILED = "failed", "failed"
     ERROR = "error", "error"
     CANCELLED = "cancelled", "cancelled"
+    # Still pending after MESSAGING_PENDING_TTL: never run.
+    EXPIRED = "expired", "expired"
 
 
 ACTIVE_STATUSES = (Status.PENDING, Status.PROCESSING)
-TERMINAL_STATUSES = (Status.COMPLETED, Status.FAILED, Status.ERROR, Status.CANCELLED)
+TERMINAL_STATUSES = (Status.COMPLETED, Status.FAILED, Status.ERROR, Status.CANCELLED, Status.EXPIRED)
 
 
 class APIKey(AbstractAPIKey):
     """A hashed API key. Messages belong to the key's owner, so an owner's keys share them."""
 
     owner = models.CharField(max_length=150, db_index=True)
+    # Per-key limits; null: the defaults (MESSAGING_RATE_LIMIT_RPM, MESSAGING_MAX_UNFINISHED).
+    rate_limit_rpm = models.PositiveIntegerField(
+        null=True, blank=True, verbose_name="requests per minute",
+        help_text="Empty: MESSAGING_RATE_LIMIT_RPM (unset there: no limit).",
+    )
+    max_unfinished = models.PositiveIntegerField(
+        null=True, blank=True, verbose_name="unfinished messages at most",
+        help_text="Pending and processing messages of this key's owner. Empty: MESSAGING_MAX_UNFINISHED (unset there: no limit).",
+    )
 
     class Meta(AbstractAPIKey.Meta):
         verbose_name = "API key"
@@ -52,6 +63,8 @@ class MessageJob(models.Model):
     model = models.CharField(max_length=128)
     priority = models.PositiveSmallIntegerField(default=5)
     correlation_id = models.CharField(max_length=255, null=True, blank=True)
+    # The X-Request-ID of the request that submitted it: worker logs carry it too.
+    request_id = models.CharField(max_length=64, blank=True, default="")
 
     # The validated request with secrets replaced by "[redacted]": safe to show to staff.
     request = models.JSONField()

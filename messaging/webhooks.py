@@ -48,6 +48,7 @@ EVENT_TYPES = {
     Status.FAILED: "message.failed",
     Status.CANCELLED: "message.cancelled",
     Status.ERROR: "message.error",
+    Status.EXPIRED: "message.expired",
 }
 # The longest wait between two attempts.
 MAX_RETRY_DELAY = 3600.0

@@ -199,7 +199,7 @@ def test_every_operation_documents_its_errors_in_the_error_shape(schema: dict[st
 
 def test_the_status_enum_has_a_stable_name(schema: dict[str, Any]) -> None:
     assert schema["components"]["schemas"]["MessageStatusEnum"]["enum"] == [
-        "pending", "processing", "completed", "failed", "error", "cancelled",
+        "pending", "processing", "completed", "failed", "error", "cancelled", "expired",
     ]
 
 
