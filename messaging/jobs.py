@@ -255,7 +255,7 @@ def _give_up(pk: int, attempts: int, correlation_id: str | None, message_id: str
     if ended:
         # What its attempts streamed stays its result, as for any message that ends early.
         MessageJob.objects.filter(pk=pk).update(result=recorded_result(pk))
-        webhooks.enqueue([pk])
+        _ended([pk])
         logger.error("message %s gave up after %s attempts", message_id, attempts)
 
 
@@ -328,7 +328,7 @@ def record(writes: list[Write]) -> set[int]:
                     continue
                 rows += _numbered(write.job_pk, last, events)
         MessageEvent.objects.bulk_create(rows)
-        webhooks.enqueue(write.job_pk for write in writes if write.end is not None and write.job_pk not in lost)
+        _ended([write.job_pk for write in writes if write.end is not None and write.job_pk not in lost])
         notify.publish([write.job_pk for write in writes if write.job_pk not in lost])
     return lost
 
@@ -385,6 +385,13 @@ def hand_back(running: Iterable[tuple[int, int]]) -> int:
 # --- Cancelling ---------------------------------------------------------------------------------
 
 
+def _ended(job_pks: list[int]) -> None:
+    """What follows a terminal status, in the transaction that wrote it: the owners' webhooks.
+    Every path to a terminal status comes through here."""
+    if job_pks:
+        webhooks.enqueue(job_pks)
+
+
 def recorded_result(job_pk: int) -> dict[str, Any] | None:
     """The message its recorded events add up to (for a rescued attempt, its last one's)."""
     events = MessageEvent.objects.filter(job_id=job_pk).order_by("sequence").values_list("data", flat=True)
@@ -404,7 +411,7 @@ def cancel(job: MessageJob) -> MessageJob:
         if won:
             # Events are fenced by status, so none can land after ours: they are final.
             MessageJob.objects.filter(pk=job.pk).update(result=recorded_result(job.pk))
-            webhooks.enqueue([job.pk])
+            _ended([job.pk])
     job.refresh_from_db()
     if job.status != Status.CANCELLED:
         raise Conflict(f"Message {job.message_id} has already {_finished_phrase(job.status)}; it cannot be cancelled.")
@@ -455,6 +462,6 @@ def _cancel_pending(pks: list[int]) -> int:
             MessageEvent(job_id=pk, sequence=last + 1, type="status", data=status_event(Status.CANCELLED, correlation_id))
             for pk, last, correlation_id in rows
         )
-        webhooks.enqueue(pk for pk, _, _ in rows)
+        _ended([pk for pk, _, _ in rows])
         notify.publish([pk for pk, _, _ in rows])
     return len(rows)
