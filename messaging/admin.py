@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin.utils import quote, unquote
 from django.core.exceptions import PermissionDenied
@@ -30,13 +31,15 @@ from rest_framework_api_key.models import APIKey as LibraryAPIKey
 
 from messaging import catalog, jobs, webhooks
 from messaging.errors import Conflict
-from messaging.models import ACTIVE_STATUSES, APIKey, MessageEvent, MessageJob, WebhookAttempt, WebhookDelivery, WebhookEndpoint
+from messaging.models import ACTIVE_STATUSES, APIKey, MessageEvent, MessageJob, Status, WebhookAttempt, WebhookDelivery, WebhookEndpoint
 from messaging.serializers import split_secrets
 
 # A message can have thousands of events (one per streamed token); its page shows the first ones.
 EVENTS_SHOWN = 200
 # The delete confirmation names this many messages and counts the rest.
 DELETE_LISTED = 100
+# Messages one "retry" action makes at most (each is a new message and a token).
+RETRY_AT_ONCE = 100
 # Columns no list row shows; loading them for 100 rows would read megabytes of JSON.
 LIST_DEFERRED = ("request", "result", "error", "warnings")
 
@@ -122,6 +125,24 @@ def format_duration(delta: timedelta) -> str:
     return f"{hours} h {minutes} min"
 
 
+def live_figures() -> list[tuple[str, str]]:
+    """The queue at a glance, for the list's header: each figure one index scan (the partial
+    indexes of pending and processing messages, status + created_at for recent failures)."""
+    now = timezone.now()
+    pending = MessageJob.objects.filter(status=Status.PENDING)
+    oldest = pending.order_by("created_at").values_list("created_at", flat=True).first()
+    hour_ago = now - timedelta(hours=1)
+    # A message failing now was created at most a pending TTL and a run time ago.
+    created_since = hour_ago - timedelta(seconds=settings.MESSAGING_PENDING_TTL + settings.MESSAGING_JOB_TIMEOUT)
+    failed = MessageJob.objects.filter(status=Status.FAILED, created_at__gte=created_since, finished_at__gte=hour_ago)
+    return [
+        ("pending", f"{pending.count():,}"),
+        ("processing", f"{MessageJob.objects.filter(status=Status.PROCESSING).count():,}"),
+        ("failed in the last hour", f"{failed.count():,}"),
+        ("oldest pending", format_duration(now - oldest) if oldest else "—"),
+    ]
+
+
 @admin.register(MessageJob)
 class MessageJobAdmin(admin.ModelAdmin):
     list_display = ("message_id", "status", "model", "priority", "owner", "created", "duration")
@@ -138,7 +159,7 @@ class MessageJobAdmin(admin.ModelAdmin):
     paginator = CappedCountPaginator
     list_per_page = 100
     empty_value_display = "—"
-    actions = ["cancel_selected"]
+    actions = ["cancel_selected", "retry_selected"]
 
     # `secrets` is in none of these, and excluded besides, so no page and no form can show it.
     exclude = ("secrets",)
@@ -236,6 +257,22 @@ class MessageJobAdmin(admin.ModelAdmin):
                 "None of the selected messages was pending or processing; nothing was cancelled.",
                 messages.WARNING,
             )
+
+    @admin.action(description="Retry selected failed or errored messages (as new messages)", permissions=["cancel"])
+    def retry_selected(self, request: HttpRequest, queryset: QuerySet[MessageJob]) -> None:
+        retried = [
+            (job.message_id, jobs.retry(job).message_id)
+            for job in queryset.filter(status__in=(Status.FAILED, Status.ERROR)).order_by("created_at")[:RETRY_AT_ONCE]
+        ]
+        if not retried:
+            self.message_user(request, "None of the selected messages had failed or ended in error; nothing was retried.", messages.WARNING)
+            return
+        pairs = ", ".join(f"{old} → {new}" for old, new in retried)
+        noun = "message" if len(retried) == 1 else "messages"
+        self.message_user(request, f"Retried {len(retried)} {noun} as new ones (a finished message never changes): {pairs}.", messages.SUCCESS)
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        return super().changelist_view(request, {**(extra_context or {}), "figures": live_figures()})
 
     # --- A message's page -------------------------------------------------------------------------
     # Times to the millisecond: the order of a message's transitions is what staff look for.

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from functools import reduce
 from operator import or_
 from typing import Any
@@ -383,6 +383,62 @@ def hand_back(running: Iterable[tuple[int, int]]) -> int:
 
 
 # --- Cancelling ---------------------------------------------------------------------------------
+
+
+def expire_pending(now: datetime | None = None) -> int:
+    """pending → expired for messages still waiting MESSAGING_PENDING_TTL after they were
+    accepted (a backlog never runs day-old work), in chunks. Returns how many."""
+    cutoff = (now or timezone.now()) - timedelta(seconds=settings.MESSAGING_PENDING_TTL)
+    expired = 0
+    while True:
+        with transaction.atomic():
+            rows = list(
+                MessageJob.objects.select_for_update(skip_locked=True)
+                .filter(status=Status.PENDING, created_at__lt=cutoff)
+                .order_by().values_list("pk", "last_sequence", "correlation_id")[:CANCEL_CHUNK]
+            )
+            if not rows:
+                return expired
+            pks = [pk for pk, _, _ in rows]
+            MessageJob.objects.filter(pk__in=pks, status=Status.PENDING).update(
+                status=Status.EXPIRED, finished_at=timezone.now(), last_sequence=F("last_sequence") + 1
+            )
+            MessageEvent.objects.bulk_create(
+                MessageEvent(job_id=pk, sequence=last + 1, type="status", data=status_event(Status.EXPIRED, correlation_id))
+                for pk, last, correlation_id in rows
+            )
+            _ended(pks)
+            notify.publish(pks)
+        expired += len(rows)
+        logger.warning("%s message(s) expired: still pending %s s after they were accepted", len(rows), settings.MESSAGING_PENDING_TTL)
+
+
+def retry(job: MessageJob) -> MessageJob:
+    """A failed or errored message's request as a NEW message (a terminal status never changes):
+    same owner, request, secrets and correlation_id, a new message_id, and a first status event
+    that names the message it retries. For staff (the admin's action)."""
+    if job.status not in (Status.FAILED, Status.ERROR):
+        raise Conflict(f"Message {job.message_id} has {_finished_phrase(job.status)}; only failed or errored messages are retried.")
+    with transaction.atomic():
+        retried = MessageJob.objects.create(
+            owner=job.owner, model=job.model, priority=job.priority, correlation_id=job.correlation_id,
+            request=job.request, secrets=job.secrets, request_hash=job.request_hash, warnings=job.warnings,
+            request_id=job.request_id, last_sequence=1,
+        )
+        MessageEvent.objects.create(
+            job=retried, sequence=1, type="status",
+            data=status_event(Status.PENDING, retried.correlation_id, reason="retry", retry_of=job.message_id),
+        )
+        if queue.QUEUE_IN_DATABASE:
+            queue.wake_a_worker()
+    if not queue.QUEUE_IN_DATABASE:
+        try:
+            queue.wake_a_worker()
+        except Exception:
+            # Accepted all the same: a worker's next round claims it without a token.
+            logger.exception("could not wake a worker for %s", retried.message_id)
+    logger.info("message %s retries %s", retried.message_id, job.message_id)
+    return retried
 
 
 def _ended(job_pks: list[int]) -> None:

@@ -300,6 +300,11 @@ MESSAGING_MCP_TIMEOUT = env_float("MESSAGING_MCP_TIMEOUT", 30.0, minimum=0.1)
 # A tool's result larger than this (bytes on the wire, and as the result block's JSON) becomes
 # an error result the model sees, rather than filling the message.
 MESSAGING_MCP_MAX_RESULT_BYTES = env_int("MESSAGING_MCP_MAX_RESULT_BYTES", 1024 * 1024, minimum=1024)
+# A message still pending this long after it was accepted ends as `expired` (like Anthropic's
+# batches: a day); finished messages older than MESSAGING_RETENTION_DAYS are deleted with their
+# events. Both run from a django-q2 schedule the service installs (messaging/maintenance.py).
+MESSAGING_PENDING_TTL = env_float("MESSAGING_PENDING_TTL", 24 * 3600.0, minimum=1.0)
+MESSAGING_RETENTION_DAYS = env_float("MESSAGING_RETENTION_DAYS", 30.0, minimum=0.0)
 # Webhooks (messaging/webhooks.py): each POST may take this long; a failed one is tried again
 # after MESSAGING_WEBHOOK_RETRY_BASE seconds, doubling up to an hour, until
 # MESSAGING_WEBHOOK_GIVE_UP seconds after the event; workers look for due deliveries every
