@@ -236,8 +236,8 @@ class CancelView(ApiView):
         operation_id="messages_cancel",
         summary="Cancel a pending or processing message",
         description="A pending message never runs; a processing one stops within a second and keeps "
-        "what it produced. Cancelling a cancelled message is 200 again; a completed, failed or "
-        "errored one is 409.",
+        "what it produced. Cancelling a cancelled message is 200 again; a completed, failed, "
+        "errored or expired one is 409.",
         request=None,
         responses={
             200: MessageStateSerializer,
