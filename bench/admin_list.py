@@ -53,10 +53,10 @@ SQLITE_INSERT = f"""
 WITH RECURSIVE n(i) AS (SELECT %s UNION ALL SELECT i + 1 FROM n WHERE i < %s)
 INSERT INTO messaging_messagejob (
     id, message_id, owner, status, model, priority, correlation_id, request, secrets, request_hash,
-    warnings, result, error, attempts, lease_expires_at, last_sequence, created_at, started_at, finished_at)
+    warnings, result, error, attempts, handed_back, request_id, lease_expires_at, last_sequence, created_at, started_at, finished_at)
 SELECT i, printf('msg_bench_%%010d', i), 'owner-' || (i %% 50), {STATUS_CASE},
     CASE WHEN i %% 7 = 0 THEN 'echo-slow' ELSE 'echo' END, i %% 11, 'order-' || (i / 3),
-    %s, '{{}}', 'bench', '[]', %s, NULL, 1, NULL, 9,
+    %s, '{{}}', 'bench', '[]', %s, NULL, 1, 0, '', NULL, 9,
     strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now', '-' || i || ' seconds'),
     strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now', '-' || i || ' seconds', '+1 seconds'),
     strftime('%%Y-%%m-%%d %%H:%%M:%%f', 'now', '-' || i || ' seconds', '+3 seconds')
@@ -66,10 +66,10 @@ FROM n
 POSTGRES_INSERT = f"""
 INSERT INTO messaging_messagejob (
     id, message_id, owner, status, model, priority, correlation_id, request, secrets, request_hash,
-    warnings, result, error, attempts, lease_expires_at, last_sequence, created_at, started_at, finished_at)
+    warnings, result, error, attempts, handed_back, request_id, lease_expires_at, last_sequence, created_at, started_at, finished_at)
 SELECT i, 'msg_bench_' || lpad(i::text, 10, '0'), 'owner-' || (i %% 50), {STATUS_CASE},
     CASE WHEN i %% 7 = 0 THEN 'echo-slow' ELSE 'echo' END, i %% 11, 'order-' || (i / 3),
-    %s::jsonb, '{{}}'::jsonb, 'bench', '[]'::jsonb, %s::jsonb, NULL, 1, NULL, 9,
+    %s::jsonb, '{{}}'::jsonb, 'bench', '[]'::jsonb, %s::jsonb, NULL, 1, 0, '', NULL, 9,
     now() - make_interval(secs => i), now() - make_interval(secs => i - 1), now() - make_interval(secs => i - 3)
 FROM generate_series(%s, %s) AS i
 """

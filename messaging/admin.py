@@ -136,11 +136,18 @@ def live_figures() -> list[tuple[str, str]]:
     created_since = hour_ago - timedelta(seconds=settings.MESSAGING_PENDING_TTL + settings.MESSAGING_JOB_TIMEOUT)
     failed = MessageJob.objects.filter(status=Status.FAILED, created_at__gte=created_since, finished_at__gte=hour_ago)
     return [
-        ("pending", f"{pending.count():,}"),
-        ("processing", f"{MessageJob.objects.filter(status=Status.PROCESSING).count():,}"),
-        ("failed in the last hour", f"{failed.count():,}"),
+        ("pending", _capped_count(pending)),
+        ("processing", _capped_count(MessageJob.objects.filter(status=Status.PROCESSING))),
+        ("failed in the last hour", _capped_count(failed)),
         ("oldest pending", format_duration(now - oldest) if oldest else "—"),
     ]
+
+
+def _capped_count(queryset: QuerySet[Any]) -> str:
+    """Counted as the list counts its rows: at most the paginator's cap, then "more than"."""
+    cap = CappedCountPaginator.cap
+    counted = queryset.order_by()[: cap + 1].count()
+    return f"more than {cap:,}" if counted > cap else f"{counted:,}"
 
 
 @admin.register(MessageJob)
@@ -442,7 +449,7 @@ class APIKeyAdmin(APIKeyModelAdmin):
     list_display = ("prefix", "name", "owner", "created", "expiry_date", "_has_expired", "revoked")
     list_filter = ("revoked", "created")
     search_fields = ("owner", "name", "prefix")
-    fields = ("owner", "name", "prefix", "expiry_date", "revoked")
+    fields = ("owner", "name", "prefix", "expiry_date", "revoked", "rate_limit_rpm", "max_unfinished")
     actions = ["revoke_selected"]
 
     def get_fields(self, request: HttpRequest, obj: Any = None) -> list[str]:

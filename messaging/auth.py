@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from datetime import timezone as dt_timezone
 from typing import Any
 
+from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -20,12 +21,12 @@ _KEYS = KeyGenerator()
 # Every request looks its key up: the ORM spends ~0.2 ms building this one indexed query, raw
 # SQL ~15 us. Revocation stays immediate (no cache).
 _USABLE_KEY_SQL = (
-    f"SELECT owner, hashed_key, expiry_date FROM {APIKey._meta.db_table} "  # noqa: S608 - constant
+    f"SELECT owner, hashed_key, expiry_date, rate_limit_rpm, max_unfinished FROM {APIKey._meta.db_table} "  # noqa: S608 - constant
     "WHERE prefix = %s AND NOT revoked"
 )
 
 
-def _usable_key(prefix: str) -> tuple[str, str, Any] | None:
+def _usable_key(prefix: str) -> tuple[str, str, Any, int | None, int | None] | None:
     with connection.cursor() as cursor:
         cursor.execute(_USABLE_KEY_SQL, [prefix])
         return cursor.fetchone()  # type: ignore[no-any-return]
@@ -33,10 +34,13 @@ def _usable_key(prefix: str) -> tuple[str, str, Any] | None:
 
 @dataclass(frozen=True)
 class Owner:
-    """The caller, as DRF's `request.user`: whoever owns the key."""
+    """The caller, as DRF's `request.user`: whoever owns the key, with the key's limits
+    (its own, else the defaults; None: no limit)."""
 
     name: str
     is_authenticated: bool = True
+    rate_limit_rpm: int | None = None
+    max_unfinished: int | None = None
 
 
 def key_from_headers(request: Request) -> str | None:
@@ -59,7 +63,7 @@ class APIKeyAuthentication(authentication.BaseAuthentication):
         row = _usable_key(prefix)
         if row is None or not _KEYS.verify(key, row[1]):
             raise exceptions.AuthenticationFailed("The API key is not valid.")
-        owner, _, expiry_date = row
+        owner, _, expiry_date, rate_limit_rpm, max_unfinished = row
         # A raw query skips the ORM's conversion: SQLite answers text or a naive datetime, both
         # in UTC (how Django stores them with USE_TZ); PostgreSQL an aware datetime.
         if isinstance(expiry_date, str):
@@ -68,7 +72,11 @@ class APIKeyAuthentication(authentication.BaseAuthentication):
             expiry_date = timezone.make_aware(expiry_date, dt_timezone.utc)
         if expiry_date is not None and expiry_date < timezone.now():
             raise exceptions.AuthenticationFailed("The API key has expired.")
-        return Owner(owner), prefix
+        return Owner(
+            owner,
+            rate_limit_rpm=settings.MESSAGING_RATE_LIMIT_RPM if rate_limit_rpm is None else rate_limit_rpm,
+            max_unfinished=settings.MESSAGING_MAX_UNFINISHED if max_unfinished is None else max_unfinished,
+        ), prefix
 
     def authenticate_header(self, request: Request) -> str:
         # Its presence makes DRF answer 401 rather than 403 for a missing key.

@@ -49,6 +49,17 @@ class RequestTooLarge(APIError):
     default_detail = "The request body is larger than this service accepts."
 
 
+class RateLimited(APIError):
+    """Refused at the door by a per-key limit (messaging/ratelimit.py): nothing was stored."""
+
+    status_code = status.HTTP_429_TOO_MANY_REQUESTS
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Overloaded(APIError):
     status_code = status.HTTP_503_SERVICE_UNAVAILABLE
     error_type = "overloaded_error"
@@ -167,6 +178,8 @@ def describe(exc: Exception, *, where: str) -> tuple[int, dict[str, Any], dict[s
     headers: dict[str, str] = {}
     if isinstance(exc, exceptions.Throttled) and exc.wait is not None:
         headers["Retry-After"] = str(int(exc.wait) + 1)
+    if isinstance(exc, RateLimited):
+        headers["Retry-After"] = str(exc.retry_after)
     if isinstance(exc, (exceptions.AuthenticationFailed, exceptions.NotAuthenticated)):
         headers["WWW-Authenticate"] = 'Bearer realm="api"'
 

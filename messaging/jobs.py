@@ -31,10 +31,10 @@ from django.db.models import F, Q
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from messaging import notify, queue, webhooks
+from messaging import metrics, notify, queue, ratelimit, webhooks
 from messaging.errors import Conflict
 from messaging.events import build_result
-from messaging.middleware import request_id_var
+from messaging.middleware import log_fields, request_id_var
 from messaging.models import ACTIVE_STATUSES, MessageEvent, MessageJob, Status
 from messaging.serializers import CheckedRequest, split_secrets
 
@@ -92,11 +92,14 @@ def _numbered(job_pk: int, last: int, events: list[dict[str, Any]]) -> list[Mess
 # --- Accepting ---------------------------------------------------------------------------------
 
 
-def accept(owner: str, checked: CheckedRequest, message_id: str | None = None) -> tuple[MessageJob, bool]:
+def accept(
+    owner: str, checked: CheckedRequest, message_id: str | None = None, *, max_unfinished: int | None = None
+) -> tuple[MessageJob, bool]:
     """Store a valid request and queue it, in one transaction. Returns (job, created).
 
     A repeated `message_id` with the same body returns the existing message (created=False);
-    with a different body it is a conflict.
+    with a different body it is a conflict. Neither counts against `max_unfinished` (the owner's
+    pending and processing messages at most: past it, RateLimited and nothing stored).
     """
     request_hash = checked.request_hash()
     if message_id is not None:
@@ -109,6 +112,8 @@ def accept(owner: str, checked: CheckedRequest, message_id: str | None = None) -
         fields["message_id"] = message_id
     try:
         with transaction.atomic():
+            if max_unfinished is not None:
+                ratelimit.hold_unfinished(owner, max_unfinished, message_id)
             job = MessageJob.objects.create(**fields)
             MessageEvent.objects.create(
                 job=job, sequence=1, type="status", data=status_event(Status.PENDING, job.correlation_id)
@@ -129,6 +134,8 @@ def accept(owner: str, checked: CheckedRequest, message_id: str | None = None) -
             # The broker is down: take the message back, so that a 503 truly means "not accepted".
             job.delete()
             raise
+    metrics.accepted(job.model, "async")
+    logger.info("message %s accepted", job.message_id, extra=log_fields(job, event="accepted", owner=owner, model=job.model, priority=job.priority))
     return job, True
 
 
@@ -150,7 +157,7 @@ def _new_message(owner: str, checked: CheckedRequest, request_hash: str) -> dict
     }
 
 
-def accept_and_claim(owner: str, checked: CheckedRequest) -> MessageJob:
+def accept_and_claim(owner: str, checked: CheckedRequest, *, max_unfinished: int | None = None) -> MessageJob:
     """For the synchronous endpoint: store the message already claimed by the web process that
     runs it, with no token, so it never waits in the queue. Should that process die, the lease
     runs out and a worker takes the message up like any other."""
@@ -158,6 +165,8 @@ def accept_and_claim(owner: str, checked: CheckedRequest) -> MessageJob:
     now = timezone.now()
     fields.update(status=Status.PROCESSING, attempts=1, started_at=now, lease_expires_at=_lease(), last_sequence=2)
     with transaction.atomic():
+        if max_unfinished is not None:
+            ratelimit.hold_unfinished(owner, max_unfinished)
         job = MessageJob.objects.create(**fields)
         MessageEvent.objects.bulk_create(
             [
@@ -168,6 +177,8 @@ def accept_and_claim(owner: str, checked: CheckedRequest) -> MessageJob:
                 ),
             ]
         )
+    metrics.accepted(job.model, "sync")
+    logger.info("message %s accepted to run at once", job.message_id, extra=log_fields(job, event="accepted", owner=owner, model=job.model, priority=job.priority))
     return job
 
 
@@ -230,9 +241,10 @@ def claim(limit: int) -> list[MessageJob]:
             for job in claimed
         )
         notify.publish(taken)
+    metrics.claimed(claimed)
     for job in claimed:
         if job.pk in stale_pks:
-            logger.warning("message %s lost its worker; attempt %s takes it up again", job.message_id, job.attempts)
+            logger.warning("message %s lost its worker; attempt %s takes it up again", job.message_id, job.attempts, extra=log_fields(job))
     return sorted(claimed, key=lambda job: (-job.priority, job.created_at, job.pk))
 
 
@@ -437,15 +449,34 @@ def retry(job: MessageJob) -> MessageJob:
         except Exception:
             # Accepted all the same: a worker's next round claims it without a token.
             logger.exception("could not wake a worker for %s", retried.message_id)
-    logger.info("message %s retries %s", retried.message_id, job.message_id)
+    metrics.accepted(retried.model, "retry")
+    logger.info(
+        "message %s retries %s", retried.message_id, job.message_id,
+        extra=log_fields(retried, event="accepted", owner=retried.owner, model=retried.model, priority=retried.priority, retry_of=job.message_id),
+    )
     return retried
 
 
 def _ended(job_pks: list[int]) -> None:
-    """What follows a terminal status, in the transaction that wrote it: the owners' webhooks.
+    """What follows a terminal status, in the transaction that wrote it: the owners' webhooks, the metrics.
     Every path to a terminal status comes through here."""
     if job_pks:
         webhooks.enqueue(job_pks)
+        if logger.isEnabledFor(logging.INFO):
+            ended = list(MessageJob.objects.filter(pk__in=job_pks).only("message_id", "correlation_id", "request_id", "status", "attempts", "error"))
+            transaction.on_commit(lambda: _log_finished(ended), robust=True)
+        metrics.ended(job_pks)
+
+
+def _log_finished(ended: list[MessageJob]) -> None:
+    """Each message's last line, once its end is committed."""
+    for job in ended:
+        error_type = (job.error or {}).get("type")
+        errors = {"error_type": error_type} if error_type else {}
+        logger.info(
+            "message %s %s%s", job.message_id, job.status, f" ({error_type})" if error_type else "",
+            extra=log_fields(job, event="finished", message_status=job.status, attempt=job.attempts, **errors),
+        )
 
 
 def recorded_result(job_pk: int) -> dict[str, Any] | None:

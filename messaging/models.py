@@ -110,6 +110,9 @@ class MessageJob(models.Model):
                 condition=Q(status="processing"),
                 name="job_processing_lease",
             ),
+            # The unfinished cap (messaging/ratelimit.py): an owner's pending and processing
+            # messages, counted up to the cap, whatever the size of its history.
+            models.Index(fields=["owner"], condition=Q(status__in=["pending", "processing"]), name="job_owner_unfinished"),
             # Admin list (newest first, optionally by status) and its exact-match searches.
             models.Index(fields=["-created_at", "-id"], name="job_created"),
             models.Index(fields=["status", "-created_at"], name="job_status_created"),
@@ -125,6 +128,18 @@ class MessageJob(models.Model):
     @property
     def is_terminal(self) -> bool:
         return self.status in TERMINAL_STATUSES
+
+
+class RateLimitWindow(models.Model):
+    """An API key's current one-minute window of requests: the rate limiter's store when there
+    is no Redis (messaging/ratelimit.py updates it in one atomic statement)."""
+
+    key_prefix = models.CharField(max_length=64, primary_key=True)
+    started_ms = models.BigIntegerField()  # milliseconds since the epoch
+    requests = models.PositiveIntegerField()
+
+    def __str__(self) -> str:
+        return f"{self.key_prefix}: {self.requests} since {self.started_ms}"
 
 
 class MessageEvent(models.Model):

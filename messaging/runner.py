@@ -51,9 +51,10 @@ from django.conf import settings
 from django.db import close_old_connections, connection, connections
 from django.utils import timezone
 
-from messaging import catalog, jobs, patterns, queue, toolloop, webhooks
+from messaging import catalog, jobs, metrics, patterns, queue, toolloop, webhooks
 from messaging.events import EventRecorder, ResultTooLarge
 from messaging.mcp_client import McpError, enabled_servers
+from messaging.middleware import log_fields, message_context
 from messaging.models import MessageJob, Status, WorkerHeartbeat
 from messaging.providers.base import ProviderError
 from messaging.providers.http import close_clients
@@ -254,8 +255,13 @@ class Runner:
         if self.slots is not None and len(self._running) >= self.slots:
             self._has_room.clear()
         # Which process runs which attempt: what an operator (or a test) needs after a crash.
-        logger.info("message %s attempt %s started in worker process %s", job.message_id, job.attempts, os.getpid())
-        running.task = asyncio.ensure_future(self._run(running))
+        logger.info(
+            "message %s attempt %s started in worker process %s", job.message_id, job.attempts, os.getpid(),
+            extra=log_fields(job, event="claimed", attempt=job.attempts),
+        )
+        # In a context of its own: whatever it logs (provider retries, MCP servers, a failure)
+        # names the message and the request that submitted it.
+        running.task = self._loop.create_task(self._run(running), context=message_context(job))
         return running
 
     async def _run(self, running: Running) -> None:
@@ -276,6 +282,7 @@ class Runner:
             self._forget(running)
 
     async def _answer(self, running: Running) -> jobs.End:
+        started, before_first_token = time.monotonic(), True
         job = running.job
         spec = catalog.get_model(job.model)
         if spec is None:
@@ -296,6 +303,9 @@ class Runner:
                 events = toolloop.stream(catalog.provider_for(spec), request, spec, message_id=job.message_id, recorded=recorded)
                 async with contextlib.aclosing(events) as stream:
                     async for event in stream:
+                        if before_first_token and event.get("type") == "content_block_delta":
+                            before_first_token = False
+                            metrics.first_token(job.model, time.monotonic() - started)
                         if recorder.add(event):
                             self._wake_writer()
         except TimeoutError:

@@ -3,6 +3,7 @@ fields (content blocks, the system prompt) and the event streams appear in the O
 
 from __future__ import annotations
 
+from copy import deepcopy
 from functools import cache
 from typing import Any
 
@@ -308,3 +309,74 @@ def _documentation_views() -> list[tuple[str, str, str, Any]]:
 def add_async_views(endpoints: list[tuple[str, str, str, Any]], **kwargs: Any) -> list[tuple[str, str, str, Any]]:
     """drf-spectacular PREPROCESSING_HOOK: document the async views alongside the DRF ones."""
     return [*endpoints, *_documentation_views()]
+
+
+# --- Rate limits (messaging/ratelimit.py) ---------------------------------------------------------
+
+_RATE_LIMIT_HEADERS = {
+    "x-ratelimit-limit-requests": {
+        "schema": {"type": "integer"},
+        "description": "Requests per minute this API key may make. Sent when the key has a rate limit.",
+    },
+    "x-ratelimit-remaining-requests": {
+        "schema": {"type": "integer"},
+        "description": "Requests left in the key's current one-minute window.",
+    },
+    "x-ratelimit-reset-requests": {
+        "schema": {"type": "string"},
+        "description": "Time until the window ends and the whole budget is back, as OpenAI writes it: "
+        "`450ms`, `1s`, `59.5s`, `1m0s`.",
+    },
+}
+_RETRY_AFTER = {
+    "Retry-After": {
+        "schema": {"type": "integer"},
+        "description": "Whole seconds to wait before trying again. Always sent when the API key's own limits refuse the request.",
+    }
+}
+_RATE_429 = "Past this API key's requests per minute (`x-ratelimit-*` say when the budget is back); nothing was done."
+_CAP_429 = (
+    "Refused by this API key's limits, and nothing was stored: past its requests per minute "
+    "(`x-ratelimit-*` say when the budget is back), or at its cap on unfinished (pending and "
+    "processing) messages."
+)
+_REPEAT = " A repeat of an existing message_id is never refused for the cap: it answers as before."
+_LIMIT_EXAMPLES = {
+    "RateLimitRequests": {
+        "summary": "rate_limit_error (requests per minute)",
+        "value": {"type": "error", "error": {"type": "rate_limit_error", "message": "Rate limit reached: this API key may make 60 requests per minute; try again in 37 s."}},
+    },
+    "RateLimitUnfinished": {
+        "summary": "rate_limit_error (unfinished messages)",
+        "value": {"type": "error", "error": {"type": "rate_limit_error", "message": "Too many unfinished messages: this API key allows 20 pending or processing messages for its owner; try again when one has finished."}},
+    },
+}
+_CAP_DESCRIPTIONS = {("/v1/messages/async", "post"): _CAP_429 + _REPEAT, ("/v1/messages", "post"): _CAP_429}
+
+
+def add_rate_limits(result: dict[str, Any], generator: Any, request: Any, public: bool) -> dict[str, Any]:
+    """drf-spectacular POSTPROCESSING_HOOK: every operation that needs a key may answer 429, and
+    every answer to a counted request carries the x-ratelimit-* headers (a 401 was not counted)."""
+    for path, operations in result.get("paths", {}).items():
+        for method, operation in operations.items():
+            responses = operation.get("responses", {})
+            if "401" not in responses:
+                continue  # no key needed: nothing counted
+            creates = (path, method) in _CAP_DESCRIPTIONS
+            description = _CAP_DESCRIPTIONS.get((path, method), _RATE_429)
+            examples = deepcopy(_LIMIT_EXAMPLES if creates else {"RateLimitRequests": _LIMIT_EXAMPLES["RateLimitRequests"]})
+            if "429" in responses:  # POST /v1/messages: also the provider's limit, after a run
+                existing = responses["429"]
+                existing["description"] = f"{description}\n\nAlso: {existing['description']}"
+                existing["content"]["application/json"].setdefault("examples", {}).update(examples)
+            else:
+                responses["429"] = {
+                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}, "examples": examples}},
+                    "description": description,
+                }
+            for status, response in responses.items():
+                if status != "401":
+                    headers = {**_RATE_LIMIT_HEADERS, **(_RETRY_AFTER if status == "429" else {})}
+                    response["headers"] = {**response.get("headers", {}), **deepcopy(headers)}
+            operation["responses"] = dict(sorted(responses.items()))
+    return result

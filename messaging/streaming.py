@@ -28,8 +28,8 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, StreamingHt
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework import exceptions
 
-from messaging import jobs, runner
-from messaging.auth import APIKeyAuthentication
+from messaging import jobs, metrics, ratelimit, runner
+from messaging.auth import APIKeyAuthentication, Owner
 from messaging.errors import Conflict, InvalidRequest, error_body, error_response, failed_message
 from messaging.headers import header_value, warnings_header
 from messaging.models import TERMINAL_STATUSES, MessageEvent, MessageJob, Status
@@ -98,7 +98,7 @@ async def follow(job_pk: int, after: int, *, anthropic: bool = False) -> AsyncIt
     `anthropic=True` speaks exactly Anthropic's protocol for its SDKs: no `status` events
     (the SDK refuses any event before `message_start`) and `event: ping` keep-alives.
     """
-    async with hub.watch(job_pk) as woken:
+    async with hub.watch(job_pk) as woken, metrics.stream_open():
         while True:
             woken.clear()
             rows, status = await read_events(job_pk, after)
@@ -126,11 +126,15 @@ async def follow(job_pk: int, after: int, *, anthropic: bool = False) -> AsyncIt
 # --- Shared request handling ---------------------------------------------------------------
 
 
-def _authenticate(request: HttpRequest) -> str:
+def _authenticate(request: HttpRequest) -> Owner:
+    """The caller, its request counted against its key's rate (RateLimited past it)."""
     authenticated = APIKeyAuthentication().authenticate(request)  # type: ignore[arg-type]
     if authenticated is None:
         raise exceptions.NotAuthenticated()
-    return authenticated[0].name
+    owner, key_prefix = authenticated
+    request.user = owner  # type: ignore[assignment]  # as DRF does: the access line's owner
+    ratelimit.count_request(request, owner, key_prefix)
+    return owner
 
 
 def _find(owner: str, message_id: str) -> int:
@@ -156,7 +160,7 @@ def _resume_point(request: HttpRequest) -> int:
 def _open_stream(request: HttpRequest, message_id: str) -> tuple[int, int]:
     owner = _authenticate(request)
     after = _resume_point(request)
-    return _find(owner, message_id), after
+    return _find(owner.name, message_id), after
 
 
 def _method_not_allowed(request: HttpRequest, allowed: str, where: str) -> HttpResponse:
@@ -181,8 +185,9 @@ async def message_stream(request: HttpRequest, message_id: str) -> HttpResponseB
     try:
         job_pk, after = await in_executor(_open_stream)(request, message_id)
     except Exception as exc:
-        return error_response(exc, where="message_stream")
-    return StreamingHttpResponse(follow(job_pk, after), content_type="text/event-stream", headers=SSE_HEADERS)
+        return ratelimit.add_headers(request, error_response(exc, where="message_stream"))
+    stream = StreamingHttpResponse(follow(job_pk, after), content_type="text/event-stream", headers=SSE_HEADERS)
+    return ratelimit.add_headers(request, stream)
 
 
 # --- POST /v1/messages --------------------------------------------------------------------------
@@ -194,7 +199,7 @@ def _start(request: HttpRequest) -> tuple[MessageJob, dict[str, Any]]:
     checked = check_request(data, endpoint="sync")
     if not checked.valid:
         raise InvalidRequest(checked.errors)
-    job = jobs.accept_and_claim(owner, checked)
+    job = jobs.accept_and_claim(owner.name, checked, max_unfinished=owner.max_unfinished)
     return job, {"warnings": checked.warnings, "stream": bool(checked.values.get("stream"))}
 
 
@@ -311,7 +316,7 @@ MESSAGES_ROOT_METHODS = "GET, HEAD, POST, OPTIONS"
 @csrf_exempt
 async def messages_root(request: HttpRequest) -> HttpResponseBase:
     if request.method == "POST":
-        return await create_message(request)
+        return ratelimit.add_headers(request, await create_message(request))
     response: HttpResponseBase = await _list_view()(request)
     if response.has_header("Allow"):
         response["Allow"] = MESSAGES_ROOT_METHODS

@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularRedocView, SpectacularSwaggerSplitView
 
-from messaging import streaming, views
+from messaging import metrics, streaming, views
 
 urlpatterns = [
     path("v1/messages/validate", views.ValidateView.as_view(), name="validate"),
@@ -21,4 +21,6 @@ urlpatterns = [
     path("v1/redoc", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
     path("healthz", views.healthz, name="healthz"),
     path("readyz", views.readyz, name="readyz"),
+    # Prometheus; METRICS_TOKEN or loopback, no API key (messaging/metrics.py).
+    path("metrics", metrics.scrape, name="metrics"),
 ]

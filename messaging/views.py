@@ -16,7 +16,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from messaging import catalog, docs, jobs
+from messaging import catalog, docs, jobs, ratelimit
 from messaging.errors import InvalidRequest
 from messaging.models import MessageJob, Status, WorkerHeartbeat
 from messaging.parsers import read_json_body
@@ -58,6 +58,12 @@ class JSONOnly(BaseContentNegotiation):
 
 class ApiView(APIView):
     content_negotiation_class = JSONOnly
+    throttle_classes = [ratelimit.PerKeyRateThrottle]
+
+    def finalize_response(self, request: Request, response: Response, *args: Any, **kwargs: Any) -> Response:
+        response = super().finalize_response(request, response, *args, **kwargs)
+        ratelimit.add_headers(request._request, response)  # errors too: every counted request
+        return response
 
 
 class JSONBodyView(ApiView):
@@ -132,7 +138,7 @@ class AsyncMessageView(JSONBodyView):
         checked = check_request(self.json_body, endpoint="async")
         if not checked.valid:
             raise InvalidRequest(checked.errors)
-        job, created = jobs.accept(request.user.name, checked, message_id)
+        job, created = jobs.accept(request.user.name, checked, message_id, max_unfinished=request.user.max_unfinished)
         body: dict[str, Any] = {
             "message_id": job.message_id,
             "status": job.status,

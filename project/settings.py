@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
+from pythonjsonlogger.core import RESERVED_ATTRS
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -99,8 +100,9 @@ if _proxy_ssl_header:
     _meta_name = _proxy_ssl_header.upper().replace("-", "_")
     SECURE_PROXY_SSL_HEADER = (_meta_name if _meta_name.startswith("HTTP_") else f"HTTP_{_meta_name}", "https")
 SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", HTTPS_ONLY)
-# Load balancers probe over plain HTTP from inside the network: a redirect would fail them.
-SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+# Load balancers probe, and Prometheus scrapes, over plain HTTP from inside the network: a
+# redirect would fail them.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$", r"^metrics$"]
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 31_536_000 if HTTPS_ONLY else 0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", HTTPS_ONLY)
 SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
@@ -317,7 +319,24 @@ MESSAGING_WEBHOOK_INTERVAL = env_float("MESSAGING_WEBHOOK_INTERVAL", 1.0, minimu
 # stop_reason "pause_turn" and the client may send the result back to continue.
 MESSAGING_MAX_TOOL_ROUNDS = env_int("MESSAGING_MAX_TOOL_ROUNDS", 10, minimum=1)
 
+# Per-key limits (messaging/ratelimit.py); unset: no limit. An API key's own values (admin) win.
+MESSAGING_RATE_LIMIT_RPM = env_int("MESSAGING_RATE_LIMIT_RPM", 0, minimum=1) or None
+MESSAGING_MAX_UNFINISHED = env_int("MESSAGING_MAX_UNFINISHED", 0, minimum=1) or None
+
 DATA_UPLOAD_MAX_MEMORY_SIZE = MESSAGING_MAX_BODY_BYTES
+
+# --- Metrics (GET /metrics, messaging/metrics.py) ---------------------------------------------
+
+# Each process keeps its counters and histograms in files of this directory (prometheus_client's
+# multiprocess mode, which reads the variable when it is imported: hence here, before anything
+# imports it) and a scrape adds up every file. One directory per machine, shared by its web and
+# worker processes and emptied before they start (scripts/serve does): until then the counts of
+# processes that ended still count.
+PROMETHEUS_MULTIPROC_DIR = Path(env_str("PROMETHEUS_MULTIPROC_DIR", "") or DATA_DIR / "metrics")
+PROMETHEUS_MULTIPROC_DIR.mkdir(parents=True, exist_ok=True)
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(PROMETHEUS_MULTIPROC_DIR)
+# Set: GET /metrics wants `Authorization: Bearer <METRICS_TOKEN>`. Unset: loopback clients only.
+METRICS_TOKEN = env_str("METRICS_TOKEN", "")
 
 # --- django-q2 -------------------------------------------------------------------------------
 
@@ -382,6 +401,8 @@ SPECTACULAR_SETTINGS = {
     "REDOC_DIST": "SIDECAR",
     # Streams and the synchronous endpoint are async views DRF cannot host; documented here.
     "PREPROCESSING_HOOKS": ["messaging.schema.add_async_views"],
+    # 429 and the x-ratelimit-* headers on every operation that needs a key (messaging/ratelimit.py).
+    "POSTPROCESSING_HOOKS": ["drf_spectacular.hooks.postprocess_schema_enums", "messaging.schema.add_rate_limits"],
     # A component's description is its own serializer's docstring, not a shared base class's.
     "GET_LIB_DOC_EXCLUDES": "messaging.schema.lib_doc_excludes",
     "ENUM_NAME_OVERRIDES": {
@@ -418,22 +439,48 @@ LOG_LEVEL = env_str("LOG_LEVEL", "INFO").upper()
 if LOG_LEVEL not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
     raise ImproperlyConfigured(f"LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, not {LOG_LEVEL!r}")
 
+# plain: a line of text per record; json: one JSON object per line, for a log pipeline.
+LOG_FORMAT = (os.environ.get("LOG_FORMAT") or "plain").lower()
+if LOG_FORMAT not in {"plain", "json"}:
+    raise ImproperlyConfigured(f"LOG_FORMAT must be plain or json, not {LOG_FORMAT!r}")
+
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
+    # Every record gets request_id; a message's records its message_id and correlation_id too.
     "filters": {"request_id": {"()": "messaging.middleware.RequestIDLogFilter"}},
     "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"},
+        "plain": {
+            "()": "messaging.middleware.PlainLogFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s",
+        },
+        # python-json-logger: time, level, logger, process, message, then every field the
+        # record carries (request_id, message_id, correlation_id, event, ...).
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "fmt": "%(levelname)s %(name)s %(process)d %(message)s",
+            "rename_fields": {"levelname": "level", "name": "logger"},
+            "timestamp": "time",
+            # uvicorn's lines repeat their message with terminal colours.
+            "reserved_attrs": [*RESERVED_ATTRS, "color_message"],
+        },
     },
     "handlers": {
         "console": {
             "class": "logging.StreamHandler",
-            "formatter": "plain",
+            "formatter": LOG_FORMAT,
             "filters": ["request_id"],
         }
     },
     "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {
+        # One access line per request is the service's own (messaging.access, with owner and
+        # request_id); uvicorn's would be a second. Its other lines take the service's format.
+        "uvicorn": {"handlers": ["console"], "propagate": False},
+        "uvicorn.access": {"level": "WARNING"},
+        # 4xx answers are in the access line; Django would log each again as a warning.
+        # Server errors (5xx) still log here, with their traceback.
+        "django.request": {"level": "ERROR"},
         # django-q2 logs every enqueue at INFO; its start-up and worker deaths are WARNING and up.
         "django-q": {"level": env_str("Q_LOG_LEVEL", "WARNING").upper()},
         # httpx logs every request's URL at INFO: model providers' base URLs are the operator's
@@ -442,6 +489,10 @@ LOGGING = {
         # The same for MCP servers' URLs (the mcp SDK's HTTP client), and the SDK's own chatter
         # (session ids, reconnects) is for debugging it.
         "httpx2": {"level": "WARNING"},
+        # Below them, httpcore's DEBUG lines name hosts and ports and print response headers
+        # (an MCP server's session id): never, whatever LOG_LEVEL says.
+        "httpcore": {"level": "WARNING"},
+        "httpcore2": {"level": "WARNING"},
         "mcp": {"level": "WARNING"},
     },
 }

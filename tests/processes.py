@@ -247,9 +247,14 @@ P = TypeVar("P", "Cluster", "Server")
 
 def _starter(kind: Callable[[dict[str, str], Path], P], name: str, tmp_path: Path) -> Iterator[Callable[..., P]]:
     started: list[P] = []
+    # The processes of one test count their metrics together, as one machine's do, and apart
+    # from this test process's and other tests'.
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir(exist_ok=True)
 
     def start(**overrides: Any) -> P:
-        process = kind(cluster_env(**overrides), tmp_path / f"{name}-{len(started) + 1}.log")
+        env = cluster_env(**{"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir), **overrides})
+        process = kind(env, tmp_path / f"{name}-{len(started) + 1}.log")
         started.append(process)
         return process
 

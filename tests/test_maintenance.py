@@ -112,7 +112,7 @@ def test_purge_messages_counts_with_dry_run_and_deletes_without() -> None:
 
     out = io.StringIO()
     call_command("purge_messages", "--dry-run", stdout=out)
-    assert out.getvalue().startswith(f"Would delete 1 messages finished before ")
+    assert out.getvalue().startswith("Would delete 1 messages finished before ")
     assert out.getvalue().rstrip().endswith(f"(30 days), with {events} events.")
     assert MessageJob.objects.filter(pk=old.pk).exists()
 

@@ -68,6 +68,7 @@ import httpx
 import orjson
 from httpx_sse import EventSource, ServerSentEvent
 
+from messaging import metrics
 from messaging.headers import header_value
 
 from .base import ModelSpec, Provider, ProviderError
@@ -168,12 +169,28 @@ class HTTPProvider(Provider):
         pools = pools_for(upstream.base_url, options)
         attempts = Attempts(RetryPolicy.from_options(options), clock=self._clock, rand=self._rand)
 
+        def said(event: str, **fields: Any) -> dict[str, Any]:
+            # `extra=` for this attempt's lines: the provider and model, never the address.
+            return {"event": event, "message_id": message_id, "provider": spec.provider, "model": spec.id, "upstream_attempt": attempt, **fields}
+
+        def outcome(kind: str, error_type: str | None = None) -> dict[str, Any]:
+            duration_ms = round((self._clock() - started) * 1000, 1)
+            errors = {"error_type": error_type} if error_type else {}
+            return said("upstream_outcome", outcome=kind, upstream_status=status, duration_ms=duration_ms, **errors)
+
+        def failed(error: ProviderError) -> None:
+            logger.warning("message %s: %s", message_id, error.message, extra=outcome("failed", error.error_type))
+
         while True:
             attempt = attempts.start()
+            metrics.upstream_attempt(spec.provider, spec.id)
             answer: Answer | None = None
             retry_after: float | None = None
+            started, status = self._clock(), None
+            logger.info("message %s: calling %s, attempt %s", message_id, upstream.name, attempt, extra=said("upstream_attempt"))
             try:
                 async with pools.client() as client, client.stream("POST", upstream.url, content=body, headers=headers, timeout=timeout) as response:
+                    status = response.status_code
                     if response.status_code != 200:
                         retry_after = _retry_after(response)
                         raise await upstream.status_error(response, attempt)
@@ -196,37 +213,46 @@ class HTTPProvider(Provider):
                                 break
                     for event in answer.finish():
                         yield event
+                    logger.info("message %s: %s answered, attempt %s", message_id, upstream.name, attempt, extra=outcome("ok"))
                     return
             except ProviderError as error:
+                metrics.upstream_error(spec.provider, spec.id, error.error_type)
                 if answer is None and error.retryable:
                     # An error status: the response is closed before the wait.
                     delay = attempts.delay_before_retry(retry_after)
                     if delay is None:
+                        failed(error)
                         raise
-                    logger.warning("message %s: %s; trying again", message_id, error.message)
+                    logger.warning("message %s: %s; trying again", message_id, error.message, extra=outcome("retry", error.error_type))
                     await self._sleep(delay)
                     continue
                 # A malformed or failed stream: keep what was produced, with its blocks closed.
                 if answer is not None:
                     for event in answer.abandon():
                         yield event
+                failed(error)
                 raise
             except StreamCut as cut:
                 problem, error_type = upstream.scrub(cut.message), cut.error_type
             except httpx.TimeoutException as exc:
                 problem, error_type = f"{upstream.name} did not answer within its timeout ({type(exc).__name__})", "timeout_error"
             except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, httpx.InvalidURL) as exc:
+                metrics.upstream_error(spec.provider, spec.id, "api_error")
                 # The exception's text quotes the URL.
-                raise ProviderError(f"Cannot call {upstream.name}: its base_url cannot be used ({type(exc).__name__}).") from None
+                unusable = ProviderError(f"Cannot call {upstream.name}: its base_url cannot be used ({type(exc).__name__}).")
+                failed(unusable)
+                raise unusable from None
             except httpx.RequestError as exc:
                 problem = f"the connection to {upstream.name} failed: {upstream.scrub(str(exc)) or type(exc).__name__}"
                 error_type = "api_error"
 
             # A failure that another attempt may fix.
+            metrics.upstream_error(spec.provider, spec.id, error_type)
             if answer is not None and answer.complete:
                 # The answer was complete: only its usage or the end marker were lost.
                 for event in answer.finish():
                     yield event
+                logger.info("message %s: %s answered, but its end was lost; attempt %s", message_id, upstream.name, attempt, extra=outcome("ok", error_type))
                 return
             if answer is not None and answer.started:
                 for event in answer.abandon():
@@ -235,8 +261,10 @@ class HTTPProvider(Provider):
             delay = attempts.delay_before_retry()
             if delay is None:
                 plural = "attempt" if attempt == 1 else "attempts"
-                raise ProviderError(f"{capitalized(problem)} ({attempt} {plural}).", error_type=error_type, retryable=True)
-            logger.warning("message %s: %s (attempt %s); trying again", message_id, problem, attempt)
+                exhausted = ProviderError(f"{capitalized(problem)} ({attempt} {plural}).", error_type=error_type, retryable=True)
+                failed(exhausted)
+                raise exhausted
+            logger.warning("message %s: %s (attempt %s); trying again", message_id, problem, attempt, extra=outcome("retry", error_type))
             await self._sleep(delay)
 
 
