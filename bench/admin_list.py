@@ -75,12 +75,13 @@ FROM generate_series(%s, %s) AS i
 """
 
 
-def setup_django(database_url: str | None) -> None:
+def setup_django(database_url: str | None, *, prefix: str = "admin-bench-") -> None:
+    """Django on `database_url`, or on SQLite in a fresh DATA_DIR (bench_metrics.py too)."""
     if database_url:
         os.environ["DATABASE_URL"] = database_url
     else:
         os.environ.pop("DATABASE_URL", None)
-        os.environ["DATA_DIR"] = tempfile.mkdtemp(prefix="admin-bench-")
+        os.environ["DATA_DIR"] = tempfile.mkdtemp(prefix=prefix)
     os.environ["ALLOWED_HOSTS"] = "testserver"
     os.environ.setdefault("LOG_LEVEL", "ERROR")
     os.environ["DJANGO_SETTINGS_MODULE"] = "project.settings"
@@ -91,10 +92,11 @@ def setup_django(database_url: str | None) -> None:
     django.setup()
 
 
-def fill(first: int, last: int) -> None:
+def fill(first: int, last: int, *, sqlite_insert: str = SQLITE_INSERT, postgres_insert: str = POSTGRES_INSERT) -> None:
+    """Rows `first`..`last`, one INSERT ... SELECT per CHUNK (bench_metrics.py brings its own)."""
     from django.db import connection, transaction
 
-    sql = POSTGRES_INSERT if connection.vendor == "postgresql" else SQLITE_INSERT
+    sql = postgres_insert if connection.vendor == "postgresql" else sqlite_insert
     for start in range(first, last + 1, CHUNK):
         end = min(start + CHUNK - 1, last)
         started = time.perf_counter()
@@ -104,8 +106,15 @@ def fill(first: int, last: int) -> None:
             else:
                 cursor.execute(sql, [start, end, REQUEST_JSON, RESULT_JSON])
         print(f"  rows {start:>9,}..{end:>9,} in {time.perf_counter() - started:5.1f} s", flush=True)
+    settle()
+
+
+def settle() -> None:
+    """Statistics, and on PostgreSQL the visibility map autovacuum would have set by now."""
+    from django.db import connection
+
     with connection.cursor() as cursor:
-        cursor.execute("ANALYZE")
+        cursor.execute("VACUUM ANALYZE messaging_messagejob" if connection.vendor == "postgresql" else "ANALYZE")
 
 
 def pages() -> list[tuple[str, str]]:

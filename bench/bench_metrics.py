@@ -40,7 +40,6 @@ import argparse
 import os
 import random
 import re
-import secrets
 import statistics
 import sys
 import tempfile
@@ -49,7 +48,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CHUNK = 100_000
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import admin_list  # noqa: E402
+
 MODELS = ("echo", "echo-slow", "gpt-4o-mini", "claude-sonnet", "llama-3.1-8b", "qwen2.5")
 
 REQUEST_JSON = '{"messages": [{"role": "user", "content": "Where is order 48213?"}], "model": "echo", "max_tokens": 1024, "stream": false, "priority": 5}'
@@ -94,23 +97,11 @@ FROM generate_series(%s, %s) AS i
 
 
 def setup_django(database_url: str | None) -> None:
-    if database_url:
-        os.environ["DATABASE_URL"] = database_url
-    else:
-        os.environ.pop("DATABASE_URL", None)
-        os.environ["DATA_DIR"] = tempfile.mkdtemp(prefix="metrics-bench-")
     os.environ.pop("REDIS_URL", None)  # a scrape never touches the broker
     # A directory of this run's own: only the processes below count into it.
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="metrics-bench-files-")
     os.environ.pop("METRICS_TOKEN", None)
-    os.environ["ALLOWED_HOSTS"] = "testserver"
-    os.environ.setdefault("LOG_LEVEL", "ERROR")
-    os.environ["DJANGO_SETTINGS_MODULE"] = "project.settings"
-    os.environ.setdefault("SECRET_KEY", secrets.token_urlsafe(50))  # settings require one
-    sys.path.insert(0, str(ROOT))
-    import django
-
-    django.setup()
+    admin_list.setup_django(database_url, prefix="metrics-bench-")
 
 
 def count_in_processes(processes: int, models: int) -> None:
@@ -147,27 +138,7 @@ def count_in_processes(processes: int, models: int) -> None:
 
 
 def fill(first: int, last: int) -> None:
-    from django.db import connection, transaction
-
-    sql = POSTGRES_INSERT if connection.vendor == "postgresql" else SQLITE_INSERT
-    for start in range(first, last + 1, CHUNK):
-        end = min(start + CHUNK - 1, last)
-        started = time.perf_counter()
-        with transaction.atomic(), connection.cursor() as cursor:
-            if connection.vendor == "postgresql":
-                cursor.execute(sql, [REQUEST_JSON, RESULT_JSON, start, end])
-            else:
-                cursor.execute(sql, [start, end, REQUEST_JSON, RESULT_JSON])
-        print(f"  rows {start:>9,}..{end:>9,} in {time.perf_counter() - started:5.1f} s", flush=True)
-    settle()
-
-
-def settle() -> None:
-    """Statistics, and on PostgreSQL the visibility map autovacuum would have set by now."""
-    from django.db import connection
-
-    with connection.cursor() as cursor:
-        cursor.execute("VACUUM ANALYZE messaging_messagejob" if connection.vendor == "postgresql" else "ANALYZE")
+    admin_list.fill(first, last, sqlite_insert=SQLITE_INSERT, postgres_insert=POSTGRES_INSERT)
 
 
 def timed(function: Callable[[], object]) -> float:
@@ -252,7 +223,7 @@ def main() -> None:
 
     results: list[tuple[str, dict[str, list[float]]]] = []
     try:
-        settle()
+        admin_list.settle()
         results.append(("empty table", measure(client, args.repeat)))
         print(f"filling {args.rows:,} messages")
         fill(1, args.rows)
@@ -266,7 +237,7 @@ def main() -> None:
             started = time.perf_counter()
             with connection.cursor() as cursor:
                 cursor.execute("UPDATE messaging_messagejob SET status = 'pending', lease_expires_at = NULL")
-            settle()
+            admin_list.settle()
             print(f"  in {time.perf_counter() - started:.1f} s")
             results.append((f"{args.rows:,} rows, all pending", measure(client, args.repeat)))
     finally:

@@ -8,7 +8,6 @@ earlier test counted. The end-to-end test gets a fresh directory for its server 
 from __future__ import annotations
 
 import http.client
-import json
 import os
 import shutil
 import subprocess
@@ -30,6 +29,7 @@ from messaging.models import APIKey, MessageJob, Status
 from tests.conftest import RUNS_THE_WORKER
 from tests.processes import Cluster, Server, free_port, wait_until
 from tests.test_provider_openai import model as openai_model
+from tests.test_worker import Api
 from tests.upstreams import OpenAIUpstream, error_reply, openai_upstream, streamed, text_stream  # noqa: F401 (a fixture)
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -274,29 +274,6 @@ def scrape_when(server: Server, ready: Callable[[Samples], bool], what: str) -> 
     return wait_until(attempt, what=f"a scrape showing {what}")
 
 
-class Api:
-    def __init__(self, server: Server, key: str):
-        self.server = server
-        self.headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.server.url + path, method=method, data=data, headers=self.headers)
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return response.status, json.loads(response.read())
-        except urllib.error.HTTPError as error:
-            return error.code, json.loads(error.read())
-
-    def submit(self, text: str, **fields: Any) -> str:
-        status, body = self.call("POST", "/v1/messages/async", {"messages": [{"role": "user", "content": text}], **fields})
-        assert status == 202, body
-        return str(body["message_id"])
-
-    def status(self, message_id: str) -> str:
-        return str(self.call("GET", f"/v1/messages/{message_id}")[1]["status"])
-
-
 @pytest.mark.e2e
 def test_one_scrape_adds_up_what_the_web_and_the_worker_processes_counted(
     start_server: Callable[..., Server], start_cluster: Callable[..., Cluster], tmp_path: Path
@@ -309,14 +286,14 @@ def test_one_scrape_adds_up_what_the_web_and_the_worker_processes_counted(
     )
     server = start_server(MESSAGING_MODELS_FILE=str(models_file))
     _, key = APIKey.objects.create_key(name="alice", owner="alice")
-    api = Api(server, key)
+    api = Api(server.url, key)
 
     # Accepted by the web process with no worker running: they wait.
     completing = [api.submit("hello there", model="echo") for _ in range(2)]
     failing = api.submit("hello", model="unreachable", priority=9)
     stream, abandoned = (http.client.HTTPConnection("127.0.0.1", server.port, timeout=10) for _ in range(2))
     for connection, message_id in ((stream, completing[0]), (abandoned, failing)):
-        connection.request("GET", f"/v1/messages/{message_id}/stream", headers=api.headers)
+        connection.request("GET", f"/v1/messages/{message_id}/stream", headers={"Authorization": f"Bearer {key}"})
         assert connection.getresponse().status == 200
     scrape_when(server, lambda samples: value(samples, "messaging_streams_open") == 2, what="two open streams")
     abandoned.close()  # the client goes away
@@ -331,7 +308,7 @@ def test_one_scrape_adds_up_what_the_web_and_the_worker_processes_counted(
     # Run and failed by the worker process; one more run by the web process itself.
     start_cluster(MESSAGING_MODELS_FILE=str(models_file))
     for message_id, status in [*((message_id, "completed") for message_id in completing), (failing, "failed")]:
-        wait_until(lambda: api.status(message_id) == status, what=f"{message_id} to be {status}")  # noqa: B023
+        wait_until(lambda: api.message(message_id)["status"] == status, what=f"{message_id} to be {status}")  # noqa: B023
     sync_status, _ = api.call("POST", "/v1/messages", {"model": "echo", "messages": [{"role": "user", "content": "now"}]})
     assert sync_status == 200
     # The stream closed itself after the terminal status.
