@@ -457,15 +457,21 @@ def retry(job: MessageJob) -> MessageJob:
     return retried
 
 
+# What _ended's followers read of each ended message.
+ENDED_FIELDS = ("message_id", "owner", "model", "correlation_id", "request_id", "status", "attempts", "error", "started_at", "finished_at")
+
+
 def _ended(job_pks: list[int]) -> None:
     """What follows a terminal status, in the transaction that wrote it: the owners' webhooks, the metrics.
     Every path to a terminal status comes through here."""
-    if job_pks:
-        webhooks.enqueue(job_pks)
-        if logger.isEnabledFor(logging.INFO):
-            ended = list(MessageJob.objects.filter(pk__in=job_pks).only("message_id", "correlation_id", "request_id", "status", "attempts", "error"))
-            transaction.on_commit(lambda: _log_finished(ended), robust=True)
-        metrics.ended(job_pks)
+    if not job_pks:
+        return
+    # One read of the ended messages serves all three.
+    ended = list(MessageJob.objects.filter(pk__in=job_pks).only(*ENDED_FIELDS))
+    webhooks.enqueue(ended)
+    if logger.isEnabledFor(logging.INFO):
+        transaction.on_commit(lambda: _log_finished(ended), robust=True)
+    metrics.ended(ended)
 
 
 def _log_finished(ended: list[MessageJob]) -> None:

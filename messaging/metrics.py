@@ -129,10 +129,10 @@ def first_token(model: str, seconds: float) -> None:
     FIRST_TOKEN.labels(model).observe(seconds)
 
 
-def ended(job_pks: list[int]) -> None:
+def ended(jobs: list[MessageJob]) -> None:
     """Messages that just reached a terminal status: called in the transaction that wrote it
-    (jobs._ended), counted once it commits. One query for them all."""
-    rows = list(MessageJob.objects.filter(pk__in=job_pks).values_list("model", "status", "started_at", "finished_at"))
+    (jobs._ended, which read them), counted once it commits."""
+    rows = [(job.model, job.status, job.started_at, job.finished_at) for job in jobs]
     transaction.on_commit(functools.partial(_count_ends, rows), robust=True)
 
 

@@ -69,16 +69,15 @@ def url_problem(url: str) -> str | None:
     return None
 
 
-def enqueue(job_pks: Iterable[int]) -> int:
+def enqueue(jobs: list[MessageJob]) -> int:
     """Queue one event per active endpoint of each message's owner. Called inside the
-    transaction that gave these messages their terminal status; returns how many."""
-    pks = list(job_pks)
-    if not pks:
+    transaction that gave these messages their terminal status (with their owner and status
+    read); returns how many."""
+    if not jobs:
         return 0
     # One query in the common case of owners without endpoints.
     endpoints: dict[str, list[int]] = defaultdict(list)
-    owners = MessageJob.objects.filter(pk__in=pks).values("owner")
-    for pk, owner in WebhookEndpoint.objects.filter(is_active=True, owner__in=owners).values_list("pk", "owner"):
+    for pk, owner in WebhookEndpoint.objects.filter(is_active=True, owner__in={job.owner for job in jobs}).values_list("pk", "owner"):
         endpoints[owner].append(pk)
     if not endpoints:
         return 0
@@ -86,11 +85,11 @@ def enqueue(job_pks: Iterable[int]) -> int:
     give_up_at = now + timedelta(seconds=settings.MESSAGING_WEBHOOK_GIVE_UP)
     deliveries = [
         WebhookDelivery(
-            endpoint_id=endpoint, job_id=pk, event_type=EVENT_TYPES[status], webhook_id=new_message_id().replace("msg_", "evt_"),
+            endpoint_id=endpoint, job_id=job.pk, event_type=EVENT_TYPES[job.status], webhook_id=new_message_id().replace("msg_", "evt_"),
             next_attempt_at=now, give_up_at=give_up_at,
         )
-        for pk, owner, status in MessageJob.objects.filter(pk__in=pks, owner__in=list(endpoints)).values_list("pk", "owner", "status")
-        for endpoint in endpoints[owner]
+        for job in jobs
+        for endpoint in endpoints[job.owner]
     ]
     WebhookDelivery.objects.bulk_create(deliveries)
     return len(deliveries)
